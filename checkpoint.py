@@ -1,0 +1,146 @@
+"""
+One checkpoint file per step, <out_dir>/ckpt_<step>.pt, holding the state after that many optimizer steps.
+
+A file is an ordinary torch.save zip that loads with torch.load(path, weights_only=True). Its zip comment
+holds the sha256 of every byte before it, so a truncated or bit-flipped file is always caught on load.
+Files are written under a temporary name, fsynced, and renamed: a file with a final name is complete.
+"""
+import hashlib
+import io
+import os
+import re
+import struct
+import time
+
+import torch
+
+CKPT_NAME = re.compile(r"ckpt_(\d{7,})\.pt")
+TMP_SUFFIX = ".tmp"
+# the zip comment: "sha256:" and 64 hex digits; the two bytes before it are the zip's comment length
+DIGEST_PREFIX = b"sha256:"
+TRAILER_LEN = len(DIGEST_PREFIX) + 64
+EOCD_SIGNATURE = b"PK\x05\x06"  # a zip's end-of-central-directory record, 22 bytes before its comment
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is absent, damaged or unusable: the scripts print it as one line and exit 2."""
+
+
+def path_for(out_dir, step):
+    return os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+
+
+def list_steps(out_dir):
+    """Steps with a published checkpoint in out_dir, oldest first; temporary files never count."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(int(m.group(1)) for m in map(CKPT_NAME.fullmatch, os.listdir(out_dir)) if m)
+
+
+def serialize(state):
+    """torch.save's bytes with the sha256 of everything before it appended as the zip comment."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    body = buf.getbuffer()
+    assert body[-22:-18] == EOCD_SIGNATURE and body[-2:] == b"\0\0", "torch.save wrote an unexpected zip ending"
+    body[-2:] = struct.pack("<H", TRAILER_LEN)
+    return [body, DIGEST_PREFIX + hashlib.sha256(body).hexdigest().encode()]
+
+
+def save(out_dir, step, state):
+    """Publish ckpt_<step>.pt atomically: temporary name, fsync, rename, fsync of the folder."""
+    path = path_for(out_dir, step)
+    tmp = path + TMP_SUFFIX
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in serialize(state):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(out_dir)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CheckpointError(f"cannot write checkpoint {e.filename or path}: {e.strerror}") from None
+    return path
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_bytes(data):
+    """What is wrong with a checkpoint file's bytes, or None when its digest proves it intact."""
+    if len(data) < 22 + TRAILER_LEN:
+        return f"truncated ({len(data)} bytes)"
+    body, trailer = data[:-TRAILER_LEN], data[-TRAILER_LEN:]
+    if not trailer.startswith(DIGEST_PREFIX) or body[-22:-18] != EOCD_SIGNATURE \
+            or body[-2:] != struct.pack("<H", TRAILER_LEN):
+        return "no checksum trailer: truncated, or not a checkpoint of this trainer"
+    if hashlib.sha256(body).hexdigest().encode() != trailer[len(DIGEST_PREFIX):]:
+        return "checksum mismatch: the file is damaged"
+    return None
+
+
+def load(path):
+    """Read, verify and unpickle a checkpoint (tensors and plain data only); CheckpointError when it is unusable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    problem = check_bytes(data)
+    if problem is None:
+        try:
+            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as e:  # weights_only refuses anything but tensors and plain data
+            problem = f"refused by torch.load(weights_only=True): {str(e).splitlines()[0]}"
+    raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
+
+
+def find(out_dir, requested, warn=print):
+    """The (step, state) to resume: requested=-1 is the newest good checkpoint, skipping damaged ones with a
+    warning, or (0, None) when there is none; N > 0 is exactly step N; 0 is a fresh start."""
+    steps = list_steps(out_dir)
+    if requested == 0:
+        return 0, None
+    if requested > 0:
+        if requested not in steps:
+            have = ", ".join(map(str, steps)) or "none"
+            raise CheckpointError(f"no checkpoint for step {requested} in {out_dir} (steps available: {have})")
+        return requested, load(path_for(out_dir, requested))
+    for step in reversed(steps):
+        try:
+            return step, load(path_for(out_dir, step))
+        except CheckpointError as e:
+            warn(f"warning: skipping {e}")
+    return 0, None
+
+
+def set_aside_newer(out_dir, step):
+    """Rewinding: move checkpoints newer than step into abandoned-<time>/ so 'latest' never mixes two timelines."""
+    newer = [s for s in list_steps(out_dir) if s > step]
+    if not newer:
+        return None
+    stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
+    folder, n = os.path.join(out_dir, stamp), 1
+    while os.path.exists(folder):  # two rewinds within one second
+        n += 1
+        folder = os.path.join(out_dir, f"{stamp}-{n}")
+    os.makedirs(folder)
+    for s in newer:
+        os.replace(path_for(out_dir, s), os.path.join(folder, os.path.basename(path_for(out_dir, s))))
+    fsync_dir(out_dir)
+    return folder
+
+
+def remove_temporaries(out_dir):
+    """Delete what a crash mid-save left behind; no reader ever looks at these files."""
+    for name in os.listdir(out_dir):
+        if name.endswith(TMP_SUFFIX) and CKPT_NAME.fullmatch(name[:-len(TMP_SUFFIX)]):
+            os.remove(os.path.join(out_dir, name))

@@ -1,0 +1,112 @@
+"""
+Config from Python files and --key=value flags, applied in command-line order, so later wins:
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
+
+A config file runs in a fresh namespace, and every name it assigns must be a known key (names that start
+with an underscore and imported modules excepted, so a file may compute with helpers). A flag's value is a
+Python literal; a bare word such as --device=cuda is a string, and so is any text given to a string key. A value must have its default's type (an int
+is fine where a float is expected); a key whose default is None takes any literal.
+"""
+import ast
+import difflib
+import re
+import sys
+import types
+
+
+class ConfigError(Exception):
+    """Bad input. The scripts print it as one line on stderr and exit with code 2, having written nothing."""
+
+
+def parse(spec, argv):
+    """spec: (key, default, comment) triples. Returns the resolved config and the set of keys that a file or flag set."""
+    defaults = {key: default for key, default, _ in spec}
+    if "--help" in argv or "-h" in argv:
+        print(help_text(spec))
+        sys.exit(0)
+    config, given = dict(defaults), set()
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"{arg}: flags take the form --key=value")
+            where = f"--{key}"
+            check_key(key, defaults, where)
+            value = parse_value(text, where, defaults[key])
+            config[key] = check_type(key, value, defaults[key], where)
+            given.add(key)
+        else:
+            for key, value in run_config_file(arg).items():
+                check_key(key, defaults, f"config file {arg}")
+                config[key] = check_type(key, value, defaults[key], f"config file {arg}")
+                given.add(key)
+    return config, given
+
+
+def help_text(spec):
+    width = max(len(f"--{key}={default!r}") for key, default, _ in spec)
+    return "\n".join(f"  {f'--{key}={default!r}':<{width}}  {comment}" for key, default, comment in spec)
+
+
+def run_config_file(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror.lower()}") from None
+    namespace = {"__file__": path}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:  # any error in the user's file becomes one line that names the file
+        line = getattr(e, "lineno", None) or _traceback_line(e, path)
+        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
+    return {name: value for name, value in namespace.items()
+            if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+
+
+def _traceback_line(e, path):
+    tb, line = e.__traceback__, "?"
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == path:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def check_key(key, defaults, where):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
+
+
+# a bare word is a path-like or name-like string: out-gpt2, cuda:0, /data/owt, bfloat16
+BARE_WORD = re.compile(r"[A-Za-z_./~][\w./~:+-]*")
+
+
+def parse_value(text, where, default):
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        if BARE_WORD.fullmatch(text) or isinstance(default, str):
+            return text
+        raise ConfigError(f"{where}: cannot parse {text!r} as a Python literal") from None
+    # a string key takes its text as written: --start=1234 is the prompt "1234"
+    return text if isinstance(default, str) and not isinstance(value, str) else value
+
+
+def check_type(key, value, default, where):
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        kind = {bool: "True or False", int: "an int", float: "a number", str: "a string"}.get(type(default), type(default).__name__)
+        raise ConfigError(f"{where}: {key} must be {kind}, got {value!r} ({type(value).__name__})")
+    return value
