@@ -118,7 +118,7 @@ def find(out_dir, requested, warn=print):
         try:
             return step, load(path_for(out_dir, step))
         except CheckpointError as e:
-            warn(f"warning: skipping {e}")
+            warn(f"warning: {e}; trying an older one")
     return 0, None
 
 
@@ -139,8 +139,58 @@ def set_aside_newer(out_dir, step):
     return folder
 
 
+def prune(out_dir, keep_last, keep_every, protect=()):
+    """After a publish: keep the newest keep_last checkpoints (0 keeps all), every step divisible by keep_every
+    (milestones, kept for good), and the steps in protect; delete the rest. abandoned-* folders are not touched."""
+    steps = list_steps(out_dir)
+    if keep_last == 0 or not steps:
+        return []
+    keep = set(steps[-keep_last:]) | set(protect) | {steps[-1]}
+    doomed = [s for s in steps if s not in keep and not (keep_every and s % keep_every == 0)]
+    for s in doomed:
+        try:
+            os.remove(path_for(out_dir, s))
+        except OSError as e:  # a checkpoint we failed to delete costs disk space, not correctness
+            print(f"warning: cannot delete {e.filename}: {e.strerror}")
+    return doomed
+
+
 def remove_temporaries(out_dir):
     """Delete what a crash mid-save left behind; no reader ever looks at these files."""
     for name in os.listdir(out_dir):
         if name.endswith(TMP_SUFFIX) and CKPT_NAME.fullmatch(name[:-len(TMP_SUFFIX)]):
             os.remove(os.path.join(out_dir, name))
+
+
+def describe(out_dir):
+    """One row per checkpoint: step, when written, train/val loss at that step, size, and whether it verifies."""
+    rows = [("step", "written", "train loss", "val loss", "size", "status")]
+    for step in list_steps(out_dir):
+        path = path_for(out_dir, step)
+        written, train_loss, val_loss, status = time.localtime(os.path.getmtime(path)), None, None, "ok"
+        try:
+            state = load(path)
+            written = time.localtime(state["written_at"])
+            train_loss, val_loss = state.get("train_loss"), state.get("val_loss")
+        except CheckpointError as e:
+            status = str(e).split(": ", 1)[-1]
+        rows.append((str(step), time.strftime("%Y-%m-%d %H:%M:%S", written),
+                     "-" if train_loss is None else f"{train_loss:.4f}", "-" if val_loss is None else f"{val_loss:.4f}",
+                     f"{os.path.getsize(path) / 1e6:.1f} MB", status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    leftovers = sorted(n for n in os.listdir(out_dir) if n.endswith(TMP_SUFFIX))
+    aside = sorted(n for n in os.listdir(out_dir) if n.startswith("abandoned-"))
+    if leftovers:
+        lines.append(f"incomplete writes (ignored, removed at the next start): {', '.join(leftovers)}")
+    if aside:
+        lines.append(f"set aside by rewinds: {', '.join(aside)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
+        print("usage: python checkpoint.py <out_dir>   (lists the checkpoints in out_dir and verifies each)", file=sys.stderr)
+        sys.exit(2)
+    print(describe(sys.argv[1]))

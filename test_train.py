@@ -7,10 +7,13 @@ import glob
 import hashlib
 import json
 import os
+import random
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,7 +27,7 @@ from configurator import ConfigError
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
         "--log_interval=5", "--eval_interval=10", "--warmup_iters=5", "--lr_decay_iters=40", "--device=cpu",
-        "--compile=False"]
+        "--compile=False", "--keep_last_checkpoints=0"]
 
 
 @pytest.fixture(scope="session")
@@ -255,25 +258,44 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun_cmd(nproc, *args, nodes=None):
+    """torchrun on loopback: one node by default; nodes=(node_rank, port) for one of two simulated machines."""
+    where = [f"--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1"] if nodes is None else \
+        [f"--nnodes=2", f"--node_rank={nodes[0]}", "--master_addr=127.0.0.1", f"--master_port={nodes[1]}"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *where, "train.py", *args]
+
+
 def torchrun(nproc, *args):
-    cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "train.py", *args]
-    return run_process(cmd, env={"OMP_NUM_THREADS": "1"})
+    return subprocess.run(torchrun_cmd(nproc, *args), capture_output=True, text=True, cwd=HERE, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_ddp_resume_is_exact_and_portable_to_one_rank(tmp_path, dataset):
-    flags = TINY + [f"--dataset={dataset}", "--gradient_accumulation_steps=2", "--checkpoint_interval=4"]
-    for out, extra in (("unbroken", ["--max_iters=8"]), ("resumed", ["--max_iters=4"]),
-                       ("resumed", ["--max_iters=8", "--from_checkpoint_step=4"])):
-        done = torchrun(2, *flags, f"--out_dir={tmp_path / out}", *extra)
-        assert done.returncode == 0, done.stderr[-3000:]
-    assert_identical(state_at(tmp_path / "unbroken", 8), state_at(tmp_path / "resumed", 8))
+def ddp_flags(dataset, out_dir, *extra):
+    return TINY + [f"--dataset={dataset}", f"--out_dir={out_dir}", "--gradient_accumulation_steps=2",
+                   "--max_iters=40", *extra]
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory, dataset):
+    """An unbroken 2-rank run to step 40 with a checkpoint at every step: what every DDP test must reproduce."""
+    out = tmp_path_factory.mktemp("ddp_reference")
+    done = torchrun(2, *ddp_flags(dataset, out, "--checkpoint_interval=1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_ddp_resume_is_exact_and_portable_to_one_rank(tmp_path, dataset, ddp_reference):
+    done = torchrun(2, *ddp_flags(dataset, tmp_path / "resumed", "--checkpoint_interval=20", "--max_iters=20"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun(2, *ddp_flags(dataset, tmp_path / "resumed", "--checkpoint_interval=20", "--from_checkpoint_step=20"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from step 20" in done.stdout
+    assert_identical(state_at(ddp_reference, 40), state_at(tmp_path / "resumed", 40))
     # a 2-rank checkpoint resumed on one rank trains on the same global batches
-    run(tmp_path / "one", dataset, "--gradient_accumulation_steps=2", "--max_iters=4")
-    os.remove(checkpoint.path_for(str(tmp_path / "one"), 4))
-    os.link(checkpoint.path_for(str(tmp_path / "unbroken"), 4), checkpoint.path_for(str(tmp_path / "one"), 4))
-    run(tmp_path / "one", dataset, "--gradient_accumulation_steps=2", "--max_iters=8", "--checkpoint_interval=4")
-    a, b = tensors(state_at(tmp_path / "unbroken", 8)), tensors(state_at(tmp_path / "one", 8))
+    os.makedirs(tmp_path / "one")
+    os.link(checkpoint.path_for(str(ddp_reference), 20), checkpoint.path_for(str(tmp_path / "one"), 20))
+    run(tmp_path / "one", dataset, "--gradient_accumulation_steps=2", "--max_iters=40")
+    a, b = tensors(state_at(ddp_reference, 40)), tensors(state_at(tmp_path / "one", 40))
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
@@ -314,3 +336,342 @@ def test_sample_decodes_gpt2_bpe_with_tiktoken(tmp_path, monkeypatch):
                         "--max_new_tokens=20", "--device=cpu", "--top_k=0", "--temperature=5.0"])
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("import json")
+
+
+# --- crash safety ---------------------------------------------------------------------------------------------
+
+def train_cmd(dataset, out_dir, *extra):
+    return [sys.executable, "train.py", *TINY, f"--dataset={dataset}", f"--out_dir={out_dir}", "--max_iters=40", *extra]
+
+
+def start(cmd, **env):
+    """A process whose output is read by lines. It keeps this process's thread count unless env says otherwise:
+    the CPU's float summation order, and so exactness, depends on it (torchrun sets 1 per rank for 2 ranks)."""
+    return subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+
+
+def wait_for_line(proc, text):
+    """Read proc's output until a line containing text; everything read so far."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"process ended without printing {text!r}:\n{''.join(seen)[-3000:]}")
+
+
+def children(pid):
+    """Direct children of pid, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def kill_tree(pid):
+    """kill -9 a process and all its descendants at once, as a machine failure would (torchrun's workers do not
+    stay in its process group)."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        tree += children(tree[i])
+        i += 1
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def worker_with_rank(torchrun_pid, rank):
+    for pid in children(torchrun_pid):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"\0RANK={rank}\0".encode() in b"\0" + f.read():
+                return pid
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, dataset):
+    """An unbroken single-process run to step 40 with a checkpoint at every step."""
+    out = tmp_path_factory.mktemp("reference")
+    run(out, dataset, "--max_iters=40", "--checkpoint_interval=1")
+    return out
+
+
+def rerun_to_the_end(cmd, out, reference):
+    """Rerun the same command: it must resume and end with weights equal to the unbroken reference's."""
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_identical(state_at(reference, 40), state_at(out, 40))
+    return done.stdout
+
+
+def kill_until_done(cmd, seed, kills_wanted, out_dir):
+    """Run cmd again and again, kill -9 it each time (alternately at a random moment of training and the moment
+    a checkpoint is half-written), until kills_wanted kills are done; then let it finish. Returns the number of
+    kills that caught a save half-written."""
+    rng = random.Random(seed)
+    kills = mid_save = 0
+    while True:
+        proc = start(cmd)
+        try:
+            if kills < kills_wanted:
+                wait_for_line(proc, "tokens per step")  # training is about to start
+                if kills % 2:
+                    time.sleep(rng.uniform(0.0, 0.5))
+                else:  # watch for the temporary file of a save in progress
+                    while proc.poll() is None and not any(n.endswith(".tmp") for n in os.listdir(out_dir)):
+                        pass
+                if proc.poll() is None:
+                    kill_tree(proc.pid)
+                    proc.wait()
+                    kills += 1
+                    mid_save += any(n.endswith(".tmp") for n in os.listdir(out_dir))
+                    continue
+            rest = proc.stdout.read()
+            assert proc.wait() == 0, rest[-3000:]
+            return mid_save
+        finally:
+            kill_tree(proc.pid)
+            proc.stdout.close()
+
+
+def test_kill_9_at_random_moments_loses_nothing(tmp_path, dataset, reference):
+    out = tmp_path / "out"
+    assert kill_until_done(train_cmd(dataset, out, "--checkpoint_interval=1"), 0, 6, out) >= 1
+    assert_identical(state_at(reference, 40), state_at(out, 40))
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the leftovers were cleaned up
+
+
+def test_kill_9_under_torchrun_loses_nothing(tmp_path, dataset, ddp_reference):
+    out = tmp_path / "out"
+    assert kill_until_done(torchrun_cmd(2, *ddp_flags(dataset, out, "--checkpoint_interval=1")), 1, 4, out) >= 1
+    assert_identical(state_at(ddp_reference, 40), state_at(out, 40))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_saves_the_current_step_and_exits_cleanly(tmp_path, dataset, reference, signum):
+    out = tmp_path / "out"
+    cmd = train_cmd(dataset, out, "--checkpoint_interval=100")  # no interval checkpoint before the last step
+    proc = start(cmd)
+    wait_for_line(proc, "step 10:")
+    proc.send_signal(signum)
+    rest = proc.stdout.read()
+    assert proc.wait() == 0, rest
+    (stopped,) = checkpoint.list_steps(str(out))
+    assert 10 <= stopped < 40 and f"stopped by a signal after step {stopped}" in rest
+    # the checkpoint is what an interval checkpoint at that step would have been
+    assert_identical(state_at(reference, stopped), state_at(out, stopped))
+    assert f"resuming from step {stopped}" in rerun_to_the_end(cmd, out, reference)
+
+
+def test_ddp_ranks_agree_on_the_step_to_stop_at(tmp_path, dataset, ddp_reference):
+    out = tmp_path / "out"
+    cmd = torchrun_cmd(2, *ddp_flags(dataset, out, "--checkpoint_interval=100"))
+    proc = start(cmd)
+    wait_for_line(proc, "step 10:")
+    os.kill(worker_with_rank(proc.pid, 1), signal.SIGUSR1)  # only rank 1 hears it; rank 0 must stop too
+    rest = proc.stdout.read()
+    assert proc.wait() == 0, rest
+    (stopped,) = checkpoint.list_steps(str(out))
+    assert f"stopped by a signal after step {stopped}" in rest
+    assert_identical(state_at(ddp_reference, stopped), state_at(out, stopped))
+    rerun_to_the_end(cmd, out, ddp_reference)
+
+
+def test_a_dead_rank_takes_the_job_down_and_a_rerun_resumes(tmp_path, dataset, ddp_reference):
+    out = tmp_path / "out"
+    cmd = torchrun_cmd(2, *ddp_flags(dataset, out, "--checkpoint_interval=5"))
+    proc = start(cmd)
+    wait_for_line(proc, "step 10:")
+    os.kill(worker_with_rank(proc.pid, 1), signal.SIGKILL)
+    proc.stdout.read()
+    assert proc.wait(timeout=120) != 0  # no hang: torchrun ends the surviving rank
+    assert checkpoint.list_steps(str(out))[-1] < 40
+    rerun_to_the_end(cmd, out, ddp_reference)
+
+
+def test_two_nodes_train_checkpoint_and_resume_exactly(tmp_path, dataset, ddp_reference):
+    """Two torchrun launchers on 127.0.0.1 stand for two machines, one rank each."""
+    out = tmp_path / "out"
+    for extra in (["--max_iters=20"], ["--from_checkpoint_step=-1"]):
+        port = free_port()
+        flags = ddp_flags(dataset, out, "--checkpoint_interval=10", *extra)
+        nodes = [start(torchrun_cmd(1, *flags, nodes=(rank, port)), OMP_NUM_THREADS="1") for rank in (0, 1)]
+        outputs = [p.stdout.read() for p in nodes]
+        assert [p.wait() for p in nodes] == [0, 0], outputs
+    assert "resuming from step 20" in outputs[0]
+    assert checkpoint.list_steps(str(out)) == [10, 20, 30, 40]
+    assert_identical(state_at(ddp_reference, 40), state_at(out, 40))
+
+
+def failing_save(dataset, out_dir, patch):
+    """train.py in a real process with one file operation of checkpoint.save made to fail after two saves."""
+    code = f"""
+import builtins, errno, os, runpy, sys
+import checkpoint
+calls = [0]
+{patch}
+sys.argv = {train_cmd(dataset, out_dir, "--checkpoint_interval=5")[1:]!r}
+runpy.run_path("train.py", run_name="__main__")
+"""
+    return run_process(["-c", code])
+
+
+@pytest.mark.parametrize("patch, cause", [
+    ("def fsync(fd, real=os.fsync):\n"
+     "    calls[0] += 1\n"
+     "    if calls[0] > 4: raise OSError(errno.ENOSPC, 'No space left on device')\n"
+     "    real(fd)\n"
+     "os.fsync = fsync", "No space left on device"),
+    ("def open_(path, *a, real=builtins.open, **k):\n"
+     "    calls[0] += str(path).endswith('.tmp')\n"
+     "    if calls[0] > 2: raise PermissionError(errno.EACCES, 'Permission denied', path)\n"
+     "    return real(path, *a, **k)\n"
+     "checkpoint.open = open_", "Permission denied"),
+], ids=["ENOSPC", "EACCES"])
+def test_a_failed_write_stops_the_run_and_harms_nothing(tmp_path, dataset, patch, cause):
+    done = failing_save(dataset, tmp_path, patch)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert re.fullmatch(rf"error: cannot write checkpoint {tmp_path}/ckpt_0000015\.pt(\.tmp)?: {cause}\n", done.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000005.pt", "ckpt_0000010.pt"]
+    for step in (5, 10):
+        assert checkpoint.load(checkpoint.path_for(str(tmp_path), step))["step"] == step
+
+
+def test_temporary_leftovers_are_ignored_and_cleaned_up(tmp_path, dataset):
+    run(tmp_path, dataset, "--max_iters=5")
+    leftover = tmp_path / "ckpt_0000010.pt.tmp"
+    leftover.write_bytes(open(checkpoint.path_for(str(tmp_path), 5), "rb").read()[:1000])
+    assert checkpoint.list_steps(str(tmp_path)) == [5]
+    run(tmp_path, dataset, "--max_iters=10")
+    assert not leftover.exists() and checkpoint.list_steps(str(tmp_path)) == [5, 10]
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, dataset, reference, capsys):
+    run(tmp_path, dataset, "--max_iters=30", "--checkpoint_interval=10")
+    path = checkpoint.path_for(str(tmp_path), 30)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 3] ^= 0x01
+    open(path, "wb").write(data)
+    capsys.readouterr()
+    run(tmp_path, dataset, "--max_iters=40", "--checkpoint_interval=10")
+    printed = capsys.readouterr().out
+    assert f"warning: checkpoint {path} is unusable: checksum mismatch" in printed
+    assert "resuming from step 20" in printed
+    assert_identical(state_at(reference, 40), state_at(tmp_path, 40))
+    (aside,) = glob.glob(str(tmp_path / "abandoned-*"))  # the damaged file is kept, out of the way
+    assert os.listdir(aside) == ["ckpt_0000030.pt"]
+
+
+def test_checkpoint_py_lists_and_verifies(tmp_path, dataset):
+    run(tmp_path, dataset, "--max_iters=20", "--checkpoint_interval=10", "--eval_interval=20")
+    open(checkpoint.path_for(str(tmp_path), 10), "r+b").truncate(5000)
+    done = run_process(["checkpoint.py", str(tmp_path)])
+    assert done.returncode == 0, done.stderr
+    header, row10, row20 = done.stdout.splitlines()
+    assert header.split() == ["step", "written", "train", "loss", "val", "loss", "size", "status"]
+    assert row10.split()[0] == "10" and "no checksum trailer" in row10
+    state = state_at(tmp_path, 20)
+    assert row20.split()[0] == "20" and row20.endswith("ok") and f"{state['val_loss']:.4f}" in row20
+
+
+def test_retention_keeps_the_newest_milestones_and_the_resumed_step(tmp_path, dataset):
+    keep = ["--checkpoint_interval=2", "--keep_last_checkpoints=2", "--keep_every=10"]
+    run(tmp_path, dataset, "--max_iters=14", *keep)
+    assert checkpoint.list_steps(str(tmp_path)) == [10, 12, 14]
+    run(tmp_path, dataset, "--max_iters=6", "--checkpoint_interval=2", "--from_checkpoint_step=0")
+    run(tmp_path, dataset, "--max_iters=20", *keep, "--from_checkpoint_step=4", "--keep_every=0")
+    assert checkpoint.list_steps(str(tmp_path)) == [4, 18, 20]  # 4: the step this run resumed from
+    assert len(glob.glob(str(tmp_path / "abandoned-*" / "*.pt"))) == 3 + 1  # two rewinds set aside 10-14 and 6
+
+
+def test_pickled_code_in_a_checkpoint_is_never_run(tmp_path, dataset):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(checkpoint.path_for(str(out), 5), "wb") as f:
+        for chunk in checkpoint.serialize({"model": Payload(), "step": 5}):  # a valid checksum: only the pickle is bad
+            f.write(chunk)
+    for args in (train_cmd(dataset, out, "--from_checkpoint_step=5")[1:],
+                 ["sample.py", f"--out_dir={out}", "--from_checkpoint_step=5", "--device=cpu"]):
+        done = run_process(args)
+        assert done.returncode == 2 and "refused by torch.load(weights_only=True)" in done.stderr, done.stderr
+        assert len(done.stderr.splitlines()) == 1
+    done = run_process(["checkpoint.py", str(out)])
+    assert "refused by torch.load(weights_only=True)" in done.stdout
+    assert not marker.exists()
+
+
+def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset):
+    """Each bad invocation: exit 2, one line on stderr naming the problem, no traceback, and out_dir untouched."""
+    run(tmp_path / "run", dataset, "--max_iters=10", "--checkpoint_interval=5")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "ckpt_0000005.pt").write_bytes(b"not a checkpoint at all\n" * 50)
+    (tmp_path / "a_file").write_text("")
+    configs = {"broken.py": "batch_size = (\n", "unknown.py": "batch_size = 4\nlearning_rat = 1e-3\n",
+               "raises.py": "n_layer = 1 // 0\n"}
+    for name, text in configs.items():
+        (tmp_path / name).write_text(text)
+    data, ran, fresh = f"--dataset={dataset}", f"--out_dir={tmp_path / 'run'}", f"--out_dir={tmp_path / 'fresh'}"
+    train_cases = [
+        ([data, fresh, "--bach_size=4"], "unknown config key 'bach_size' (did you mean batch_size?)"),
+        ([data, fresh, "--batch_size=4.5"], "batch_size must be an int, got 4.5 (float)"),
+        ([data, fresh, "--learning_rate=1e-3e"], "cannot parse '1e-3e' as a Python literal"),
+        ([data, fresh, "--compile"], "--compile: flags take the form --key=value"),
+        ([data, fresh, str(tmp_path / "missing.py")], "missing.py: no such file or directory"),
+        ([data, fresh, str(tmp_path / "broken.py")], "broken.py, line 1: SyntaxError"),
+        ([data, fresh, str(tmp_path / "unknown.py")], "unknown.py: unknown config key 'learning_rat'"),
+        ([data, fresh, str(tmp_path / "raises.py")], "raises.py, line 1: ZeroDivisionError"),
+        ([data, fresh, "--batch_size=0"], "batch_size must be positive, got 0"),
+        ([data, fresh, "--batch_size=-4"], "batch_size must be positive, got -4"),
+        ([data, fresh, "--n_embd=30", "--n_head=4"], "n_embd=30 must be divisible by n_head=4"),
+        ([data, fresh, "--dropout=1.5"], "dropout must be in [0, 1), got 1.5"),
+        ([data, fresh, "--warmup_iters=50", "--lr_decay_iters=10"], "warmup_iters=50 must not exceed lr_decay_iters=10"),
+        ([data, fresh, "--device=tpu"], "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        ([data, fresh, "--dtype=float8"], "dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
+        ([data, fresh, "--from_checkpoint_step=-2"], "from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, got -2"),
+        ([data, ran, "--from_checkpoint_step=7"], "no checkpoint for step 7 in"),
+        ([data, ran, "--n_layer=3"], "n_layer=3 contradicts checkpoint step 10, whose model has n_layer=2"),
+        (["--dataset=no_such_dataset", fresh], "dataset no_such_dataset: missing"),
+        ([data, f"--out_dir={tmp_path / 'a_file' / 'out'}"], f"out_dir {tmp_path / 'a_file' / 'out'}: {tmp_path / 'a_file'} is not a folder"),
+        ([data, f"--out_dir={damaged}", "--from_checkpoint_step=5"], "is unusable: no checksum trailer"),
+        ([data, fresh, "--keep_last_checkpoints=-1"], "keep_last_checkpoints must not be negative, got -1"),
+    ]
+    sample_cases = [
+        ([ran, "--top_k=-1"], "top_k not negative"),
+        ([ran, "--num_samples=0"], "num_samples must be positive, got 0"),
+        ([ran, "--tempreature=0.5"], "unknown config key 'tempreature' (did you mean temperature?)"),
+        ([ran, "--from_checkpoint_step=7"], "no checkpoint for step 7 in"),
+        ([ran, "--from_checkpoint_step=0"], "from_checkpoint_step must be -1 (newest) or a step, got 0"),
+        ([ran, "--start=FILE:/no/such/prompt.txt"], "start: cannot read /no/such/prompt.txt"),
+        ([ran, "--start=€"], "characters outside the model's vocabulary: '€'"),
+        ([f"--out_dir={tmp_path / 'fresh'}"], "no checkpoint to sample from"),
+        ([f"--out_dir={damaged}", "--from_checkpoint_step=5"], "is unusable: no checksum trailer"),
+    ]
+    cases = [(["train.py", *TINY, *args], msg) for args, msg in train_cases] + \
+            [(["sample.py", "--device=cpu", *args], msg) for args, msg in sample_cases]
+    before = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "**"), recursive=True)}
+    pending = list(cases)
+    while pending:  # two at a time: each is a Python process importing torch
+        batch, pending = pending[:2], pending[2:]
+        procs = [subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for args, _ in batch]
+        for (args, message), proc in zip(batch, procs):
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 2, (args, err)
+            assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
+    assert {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "**"), recursive=True)} == before
+    assert not (tmp_path / "fresh").exists()

@@ -12,6 +12,7 @@ in the global batch), so resuming needs no data-loader or RNG state, and 1 or N 
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +32,8 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     ("out_dir", "out", "folder for ckpt_<step>.pt files"),
     ("from_checkpoint_step", -1, "-1: resume the newest checkpoint in out_dir, if any; N: resume step N; 0: start fresh"),
     ("checkpoint_interval", 250, "save a checkpoint every this many steps, and at the last step"),
+    ("keep_last_checkpoints", 3, "keep the newest this many checkpoints, delete older ones; 0 keeps all"),
+    ("keep_every", 0, "also keep, for good, checkpoints of steps divisible by this; 0: none"),
     ("eval_interval", 250, "estimate train/val loss every this many steps, and at the last step"),
     ("eval_iters", 20, "batches per loss estimate"),
     ("log_interval", 10, "print loss, lr, ms/step, tokens/s and MFU every this many steps"),
@@ -69,7 +72,8 @@ def check_config(cfg, world_size):
                 "max_iters", "eval_iters", "eval_interval", "log_interval", "checkpoint_interval"):
         if cfg[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
-    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters"):
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters",
+                "keep_last_checkpoints", "keep_every"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must not be negative, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"]:
@@ -243,13 +247,23 @@ def main(argv):
         cfg["vocab_size"] = meta["vocab_size"]
     if cfg["vocab_size"] < meta["vocab_size"]:
         raise ConfigError(f"vocab_size={cfg['vocab_size']} is smaller than dataset {cfg['dataset']}'s {meta['vocab_size']}")
+    folder = dataset_dir(cfg["dataset"])
+    B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
+    for name in ("train.bin", "val.bin"):
+        if os.path.getsize(os.path.join(folder, name)) // 2 <= T:
+            raise ConfigError(f"dataset {cfg['dataset']}: {name} has fewer than block_size+1 = {T + 1} tokens")
+    train_data = np.memmap(os.path.join(folder, "train.bin"), dtype=np.uint16, mode="r")
+    val_data = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
     log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in cfg.items()))
 
     # every check has passed: only now is anything written
     if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-        checkpoint.remove_temporaries(cfg["out_dir"])
-        abandoned = checkpoint.set_aside_newer(cfg["out_dir"], start_step)
+        try:
+            os.makedirs(cfg["out_dir"], exist_ok=True)
+            checkpoint.remove_temporaries(cfg["out_dir"])
+            abandoned = checkpoint.set_aside_newer(cfg["out_dir"], start_step)
+        except OSError as e:
+            raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
         if abandoned:
             log(f"rewinding to step {start_step}: moved the newer checkpoints into {abandoned}")
 
@@ -268,13 +282,6 @@ def main(argv):
     fast_model = torch.compile(raw_model) if cfg["compile"] else raw_model
     model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else fast_model
 
-    folder = dataset_dir(cfg["dataset"])
-    train_data = np.memmap(os.path.join(folder, "train.bin"), dtype=np.uint16, mode="r")
-    val_data = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
-    B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
-    for name, data in (("train", train_data), ("val", val_data)):
-        if len(data) <= T:
-            raise ConfigError(f"dataset {cfg['dataset']}: {name}.bin has {len(data)} tokens, fewer than block_size+1")
     local_accum = accum // world_size
     tokens_per_step = accum * B * T
     flops_peak = peak_flops(device)
@@ -307,12 +314,24 @@ def main(argv):
         fast_model.train()
         return out
 
+    # SIGTERM and SIGUSR1 (what schedulers and spot instances send before taking the machine) finish the current
+    # step, save it, and exit cleanly; under DDP the ranks agree on the step through a CPU all-reduce that runs
+    # while the step computes, so it costs no GPU sync
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    stop_flag = torch.zeros(1, dtype=torch.int32)
+    stop_group = dist.new_group(backend="gloo") if ddp else None
+
     step = start_step
     log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
         f"({accum} x {B} x {T}, {world_size} rank{'s' if world_size > 1 else ''}); training to step {cfg['max_iters']}")
     x, y = batch(step, 0)
     t0, steps_timed = time.time(), 0  # ms/step counts training alone, not evals or saves
     while step < cfg["max_iters"]:
+        if ddp:
+            stop_flag.fill_(1 if stop_signal else 0)
+            stop_vote = dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, group=stop_group, async_op=True)
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -336,10 +355,13 @@ def main(argv):
         steps_timed += 1
         tokens_seen += tokens_per_step
 
+        if ddp:
+            stop_vote.wait()
+        stop = bool(stop_flag.item()) if ddp else bool(stop_signal)
         last = step == cfg["max_iters"]
-        do_log = step % cfg["log_interval"] == 0 or last
+        do_log = step % cfg["log_interval"] == 0 or last or stop
         do_eval = master and (step % cfg["eval_interval"] == 0 or last)
-        do_save = master and (step % cfg["checkpoint_interval"] == 0 or last)
+        do_save = master and (step % cfg["checkpoint_interval"] == 0 or last or stop)
         if do_log:
             loss_now = loss.item() * local_accum  # the one host-device sync of the loop; a micro-batch's loss
             dt = (time.time() - t0) / steps_timed
@@ -367,9 +389,13 @@ def main(argv):
                 "val_loss": losses.get("val"),
                 "written_at": time.time(),
             })
-            log(f"step {step}: saved {path}")
+            pruned = checkpoint.prune(cfg["out_dir"], cfg["keep_last_checkpoints"], cfg["keep_every"], protect=[start_step])
+            log(f"step {step}: saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
         if do_log or do_eval or do_save:
             t0, steps_timed = time.time(), 0
+        if stop:
+            log(f"stopped by a signal after step {step}; rerun the same command to resume")
+            break
     if ddp:
         dist.destroy_process_group()
 

@@ -8,6 +8,8 @@ eval_interval = 1000
 eval_iters = 200
 log_interval = 10
 checkpoint_interval = 1000
+keep_last_checkpoints = 3  # about 1.5 GB each
+keep_every = 50000  # milestones to rewind to, kept for good
 
 # 12 sequences x 1024 tokens x 40 micro-steps = 491,520 tokens per step, whatever the number of GPUs
 batch_size = 12
