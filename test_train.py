@@ -153,16 +153,23 @@ def test_checkpoints_at_expected_steps_with_clean_names(tmp_path, dataset):
     assert state["val_loss"] is not None and state["best_val_loss"] <= state["val_loss"]
 
 
-def test_checkpoints_prove_their_integrity(tmp_path, dataset):
+def test_checkpoints_prove_their_integrity(tmp_path, dataset, monkeypatch):
+    """Any flipped bit, anywhere, and any truncation is detected."""
+    monkeypatch.setattr(checkpoint, "READ_CHUNK", 4096)  # many chunks: the pipelined read and hash are exercised
     run(tmp_path, dataset, "--max_iters=5")
     path = checkpoint.path_for(str(tmp_path), 5)
-    data = bytearray(open(path, "rb").read())
-    assert checkpoint.check_bytes(bytes(data)) is None
-    for position in (100, len(data) // 2, len(data) - 90, len(data) - 1):
+    data = open(path, "rb").read()
+    assert checkpoint.verify(path) is None
+    damaged = str(tmp_path / "damaged.pt")
+    positions = sorted(set(random.Random(0).sample(range(len(data)), 200)) | set(range(len(data) - 200, len(data))))
+    for position in positions:
         flipped = bytearray(data)
-        flipped[position] ^= 0x10
-        assert checkpoint.check_bytes(bytes(flipped)) is not None, position
-    assert checkpoint.check_bytes(bytes(data[:-1])) is not None
+        flipped[position] ^= 1 << (position % 8)
+        open(damaged, "wb").write(flipped)
+        assert checkpoint.verify(damaged) is not None, position
+    for length in (0, 50, len(data) // 2, len(data) - 72, len(data) - 1):
+        open(damaged, "wb").write(data[:length])
+        assert checkpoint.verify(damaged) is not None, length
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -219,10 +226,10 @@ def test_newest_is_resumed_by_default(tmp_path, dataset, capsys):
     assert checkpoint.list_steps(str(tmp_path)) == [5, 10, 15]
 
 
-def test_other_eval_log_and_checkpoint_intervals_give_identical_weights(tmp_path, dataset):
+def test_other_eval_log_and_checkpoint_settings_give_identical_weights(tmp_path, dataset):
     run(tmp_path / "a", dataset, "--max_iters=30", "--eval_interval=10", "--log_interval=5", "--checkpoint_interval=30")
     run(tmp_path / "b", dataset, "--max_iters=30", "--eval_interval=3", "--log_interval=1", "--checkpoint_interval=7",
-        "--eval_iters=3")
+        "--eval_iters=3", "--async_checkpoint=False")
     assert_identical(state_at(tmp_path / "a", 30), state_at(tmp_path / "b", 30))
 
 
@@ -601,9 +608,7 @@ def test_pickled_code_in_a_checkpoint_is_never_run(tmp_path, dataset):
 
     out = tmp_path / "out"
     out.mkdir()
-    with open(checkpoint.path_for(str(out), 5), "wb") as f:
-        for chunk in checkpoint.serialize({"model": Payload(), "step": 5}):  # a valid checksum: only the pickle is bad
-            f.write(chunk)
+    checkpoint.save(str(out), 5, {"model": Payload(), "step": 5})  # a valid checksum: only the pickle is bad
     for args in (train_cmd(dataset, out, "--from_checkpoint_step=5")[1:],
                  ["sample.py", f"--out_dir={out}", "--from_checkpoint_step=5", "--device=cpu"]):
         done = run_process(args)

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -32,6 +33,7 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     ("out_dir", "out", "folder for ckpt_<step>.pt files"),
     ("from_checkpoint_step", -1, "-1: resume the newest checkpoint in out_dir, if any; N: resume step N; 0: start fresh"),
     ("checkpoint_interval", 250, "save a checkpoint every this many steps, and at the last step"),
+    ("async_checkpoint", True, "write checkpoints in a background thread; the loop waits only for a host copy"),
     ("keep_last_checkpoints", 3, "keep the newest this many checkpoints, delete older ones; 0 keeps all"),
     ("keep_every", 0, "also keep, for good, checkpoints of steps divisible by this; 0: none"),
     ("eval_interval", 250, "estimate train/val loss every this many steps, and at the last step"),
@@ -323,6 +325,14 @@ def main(argv):
     stop_flag = torch.zeros(1, dtype=torch.int32)
     stop_group = dist.new_group(backend="gloo") if ddp else None
 
+    # checkpoints: the loop waits for a host snapshot; with async_checkpoint, a thread writes it out
+    saver = ThreadPoolExecutor(max_workers=1) if cfg["async_checkpoint"] and master else None
+    saving, snapshot_buffers = None, {}
+
+    def report_save(result):
+        path, pruned = result
+        log(f"saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
+
     step = start_step
     log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
         f"({accum} x {B} x {T}, {world_size} rank{'s' if world_size > 1 else ''}); training to step {cfg['max_iters']}")
@@ -374,7 +384,9 @@ def main(argv):
             best_val_loss = min(best_val_loss, losses["val"])
             log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if do_save:
-            path = checkpoint.save(cfg["out_dir"], step, {
+            if saving is not None:
+                saving = report_save(saving.result())  # at most one save in flight; its error, if any, stops the run
+            snap = checkpoint.snapshot({
                 "model": raw_model.state_dict(),  # clean names: neither DDP's module. nor compile's _orig_mod.
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -388,14 +400,21 @@ def main(argv):
                 "train_loss": losses.get("train"),
                 "val_loss": losses.get("val"),
                 "written_at": time.time(),
-            })
-            pruned = checkpoint.prune(cfg["out_dir"], cfg["keep_last_checkpoints"], cfg["keep_every"], protect=[start_step])
-            log(f"step {step}: saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
+            }, snapshot_buffers)
+            job = (cfg["out_dir"], step, snap, cfg["keep_last_checkpoints"], cfg["keep_every"], [start_step])
+            if saver:
+                saving = saver.submit(checkpoint.publish, *job)
+            else:
+                report_save(checkpoint.publish(*job))
+        elif saving is not None and saving.done():
+            saving = report_save(saving.result())  # raises here, at the next step, if the background save failed
         if do_log or do_eval or do_save:
             t0, steps_timed = time.time(), 0
         if stop:
             log(f"stopped by a signal after step {step}; rerun the same command to resume")
             break
+    if saving is not None:
+        report_save(saving.result())  # the last checkpoint is on disk before the process exits
     if ddp:
         dist.destroy_process_group()
 
