@@ -155,11 +155,11 @@ def test_checkpoints_at_expected_steps_with_clean_names(tmp_path, dataset):
 
 def test_checkpoints_prove_their_integrity(tmp_path, dataset, monkeypatch):
     """Any flipped bit, anywhere, and any truncation is detected."""
-    monkeypatch.setattr(checkpoint, "READ_CHUNK", 4096)  # many chunks: the pipelined read and hash are exercised
+    monkeypatch.setattr(checkpoint, "HASH_CHUNK", 4096)  # many chunks: the tree digest and its threads are exercised
     run(tmp_path, dataset, "--max_iters=5")
     path = checkpoint.path_for(str(tmp_path), 5)
     data = open(path, "rb").read()
-    assert checkpoint.verify(path) is None
+    assert checkpoint.verify(path) is None and len(data) > 20 * 4096
     damaged = str(tmp_path / "damaged.pt")
     positions = sorted(set(random.Random(0).sample(range(len(data)), 200)) | set(range(len(data) - 200, len(data))))
     for position in positions:

@@ -1,0 +1,238 @@
+"""
+What checkpoints cost, and how fast the loop runs, measured side by side in one run. A script, not a test:
+
+    python bench.py                  # CPU: a small model and a GPT-2 124M-sized state (about 1.5 GB with AdamW)
+    python bench.py --device=cuda    # the same on a GPU, with bf16 and torch.compile
+
+For each size it prints: training throughput of train.py's loop and of a plain nanoGPT-style loop over the
+same model and data; how long a checkpoint stalls the loop (sync save, async save, a plain in-memory copy as
+the floor) and how much slower steps run while a background save writes; save bandwidth against a raw
+write of the same bytes with fsync; launch-to-first-step of a fresh and a resumed run, and load bandwidth
+against a raw read; checkpoint size against its tensors' bytes.
+"""
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+import checkpoint
+import train
+from configurator import parse
+from model import GPT, GPTConfig
+
+CONFIG = [  # (key, default, what it sets)
+    ("device", "cpu", "cpu or cuda"),
+    ("sizes", "small,gpt2", "which of small and gpt2 to measure"),
+    ("steps", 0, "timed training steps per loop; 0: 20 for small, 4 on CPU (20 on a GPU) for gpt2"),
+    ("bench_dir", "", "where checkpoints are written; '' makes a temporary folder"),
+]
+SIZES = {  # model shapes; batch shapes per device
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=128),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+}
+BATCH = {("small", "cpu"): (16, 64), ("small", "cuda"): (64, 64), ("gpt2", "cpu"): (1, 128), ("gpt2", "cuda"): (16, 1024)}
+
+
+def timed(fn, sync):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def distinct_tensors(obj, seen=None):
+    """The tensors in obj (nested dicts and lists), each memory region once: tied weights count once."""
+    seen = {} if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        seen[(obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape)] = obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            distinct_tensors(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            distinct_tensors(v, seen)
+    return list(seen.values())
+
+
+BLOCK = os.urandom(64 << 20)  # incompressible, made once: generating it is not the disk's time
+
+
+def raw_write(path, nbytes, block=BLOCK):
+    """Plain sequential writes of nbytes with fsync: the disk's own speed."""
+    with open(path, "wb") as f:
+        for offset in range(0, nbytes, len(block)):
+            f.write(block[:min(len(block), nbytes - offset)])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def raw_read(path):
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(64 << 20)
+        while f.readinto(buf):
+            pass
+
+
+def baseline_steps(model, data, steps, B, T, device, autocast, compiled):
+    """nanoGPT's loop, plainly: random batches, forward, backward, clip, AdamW step. Seconds per step."""
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
+    fast = torch.compile(model) if compiled else model
+
+    def step():
+        ix = torch.randint(len(data) - T, (B,))
+        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
+        if device.type == "cuda":
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        with autocast:
+            _, loss = fast(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up: compile, allocator, AdamW state
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds, _ = timed(lambda: [step() for _ in range(steps)], sync)
+    return seconds / steps, optimizer, step, sync
+
+
+def shape_flags(size, device, B, T):
+    return [f"--{k}={v}" for k, v in SIZES[size].items()] + [f"--device={device.type}", f"--batch_size={B}",
+                                                              f"--block_size={T}", "--eval_iters=1", "--warmup_iters=1"]
+
+
+def our_loop(flags, steps, out_dir):
+    """train.py's own loop, in this process: the ms/step of its last log line, over steps steps..2*steps."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train.main(flags + [f"--out_dir={out_dir}", f"--max_iters={2 * steps}", f"--log_interval={steps}",
+                            f"--checkpoint_interval={2 * steps}", f"--lr_decay_iters={2 * steps}", "--from_checkpoint_step=0"])
+    return float(re.findall(r"([\d.]+) ms/step", printed.getvalue())[-1]) / 1000
+
+
+def launch_to_first_step(argv, first_step):
+    """Seconds from starting `python train.py` to its log line for step first_step."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "train.py", *argv, "--log_interval=1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seconds = None
+    for line in proc.stdout:
+        if seconds is None and line.startswith(f"step {first_step}: loss"):
+            seconds = time.perf_counter() - t0
+    if proc.wait() or seconds is None:
+        raise SystemExit(f"train.py failed: {argv}")
+    return seconds
+
+
+def bench(size, device, steps, bench_dir, rows):
+    on_gpu = device.type == "cuda"
+    B, T = BATCH[(size, device.type)]
+    dtype = "bfloat16" if on_gpu else "float32"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+    meta = train.load_meta("python_char")
+    data = np.memmap(os.path.join(train.DATA_DIR, "python_char", "train.bin"), dtype=np.uint16, mode="r")
+    out_dir = os.path.join(bench_dir, size)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    add = lambda what, ours, baseline, target="": rows.append((size, what, ours, baseline, target))
+
+    # 1. throughput: train.py's loop, then the plain loop over the same model shape and data
+    flags = shape_flags(size, device, B, T)
+    ours = our_loop(flags, steps, os.path.join(out_dir, "loop"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SIZES[size])).to(device)
+    base, optimizer, step, sync = baseline_steps(model, data, steps, B, T, device, autocast, on_gpu)
+    tokens = B * T
+    peak = train.peak_flops(device)
+    mfu = lambda s: f", MFU {model.estimate_mfu(tokens / s, peak) * 100:.1f}%" if peak else ""
+    add("training tokens/s", f"{tokens / ours:,.0f}{mfu(ours)}", f"{tokens / base:,.0f}{mfu(base)} (plain loop)",
+        "ours >= plain" + (" ok" if ours <= base * 1.02 else " MISSED"))
+
+    # 2. what a checkpoint stalls the loop: sync save, async save (the snapshot), a plain copy (the floor)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1, "meta": meta}
+    nbytes = sum(t.numel() * t.element_size() for t in distinct_tensors(state))
+    buffers = {}
+    checkpoint.snapshot(state, buffers)  # the first call allocates (pinned on a GPU) buffers that later saves reuse
+    floor, _ = timed(lambda: [t.to("cpu", copy=True) for t in distinct_tensors(state)], sync)
+    sync_s, _ = timed(lambda: checkpoint.publish(out_dir, 1, checkpoint.snapshot(state, buffers), 0, 0, []), sync)
+    async_s, snap = timed(lambda: checkpoint.snapshot(state, buffers), sync)
+    add("stall per checkpoint", f"async {async_s * 1e3:,.0f} ms, sync {sync_s * 1e3:,.0f} ms",
+        f"plain copy to host memory {floor * 1e3:,.0f} ms",
+        "async <= 5% of sync" + (" ok" if async_s <= 0.05 * sync_s else " MISSED"))
+
+    # steps while a background save writes, against steps with none
+    with ThreadPoolExecutor(max_workers=1) as saver:
+        idle, _ = timed(lambda: [step() for _ in range(steps)], sync)
+        writing = saver.submit(checkpoint.publish, out_dir, 2, snap, 0, 0, [])
+        during, _ = timed(lambda: [step() for _ in range(steps)], sync)
+        done_in_time = writing.done()
+        writing.result()
+    add("step time while a save writes", f"{during / steps * 1e3:,.1f} ms/step"
+        + ("" if done_in_time else " (the save outlasted the steps)"), f"{idle / steps * 1e3:,.1f} ms/step idle")
+
+    # 3. save bandwidth against a raw write of the same byte count
+    path = checkpoint.path_for(out_dir, 1)
+    size_on_disk = os.path.getsize(path)
+    raw_s, _ = timed(lambda: raw_write(os.path.join(out_dir, "raw.bin"), size_on_disk), sync)
+    save_s, _ = timed(lambda: checkpoint.save(out_dir, 3, snap), lambda: None)
+    add("save bandwidth", f"{size_on_disk / save_s / 1e9:.2f} GB/s", f"{size_on_disk / raw_s / 1e9:.2f} GB/s raw write+fsync",
+        ">= 85% of raw" + (" ok" if save_s <= raw_s / 0.85 else " MISSED"))
+
+    # 4. resume: load bandwidth against a raw read (both from a warm page cache), and launch-to-first-step
+    raw_read(path)
+    read_s, _ = timed(lambda: raw_read(path), lambda: None)
+    load_s, _ = timed(lambda: model.load_state_dict(checkpoint.load(path)["model"]), sync)
+    add("load bandwidth", f"{size_on_disk / load_s / 1e9:.2f} GB/s (verify + load into the model)",
+        f"{size_on_disk / read_s / 1e9:.2f} GB/s raw read")
+    launch = flags + [f"--out_dir={os.path.join(out_dir, 'launch')}", "--checkpoint_interval=1", "--lr_decay_iters=2"]
+    fresh = launch_to_first_step(launch + ["--max_iters=1", "--from_checkpoint_step=0"], 1)
+    resumed = launch_to_first_step(launch + ["--max_iters=2", "--from_checkpoint_step=1"], 2)
+    resumed_from = checkpoint.path_for(os.path.join(out_dir, "launch"), 1)
+    raw_read(resumed_from)
+    read1_s, _ = timed(lambda: raw_read(resumed_from), lambda: None)
+    overhead = resumed - fresh
+    add("launch to first step", f"resumed {resumed:.2f} s (+{overhead:.2f} s)", f"fresh {fresh:.2f} s; raw read {read1_s:.2f} s",
+        "overhead <= 1.2x raw read" + (" ok" if overhead <= 1.2 * read1_s else " MISSED"))
+
+    # 5. size against the tensors' own bytes
+    add("checkpoint size", f"{size_on_disk / 1e6:,.1f} MB", f"{nbytes / 1e6:,.1f} MB of tensors",
+        "<= 1.02x" + (" ok" if size_on_disk <= 1.02 * nbytes else " MISSED"))
+
+
+def main(argv):
+    cfg, _ = parse(CONFIG, argv)
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bench_dir = cfg["bench_dir"] or tempfile.mkdtemp(prefix="bench-", dir=os.path.dirname(os.path.abspath(__file__)))
+    rows = []
+    try:
+        for size in cfg["sizes"].split(","):
+            steps = cfg["steps"] or (20 if size == "small" or device.type == "cuda" else 4)
+            bench(size, device, steps, bench_dir, rows)
+    finally:
+        if not cfg["bench_dir"]:
+            shutil.rmtree(bench_dir, ignore_errors=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"bench.py on {name}, torch {torch.__version__}")
+    widths = [max(len(r[i]) for r in rows + [("size", "what", "ours", "baseline", "target")]) for i in range(5)]
+    for row in [("size", "what", "ours", "baseline", "target")] + rows:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
