@@ -5,7 +5,6 @@ Sample text from the checkpoint of any step:
 
 The checkpoint carries its dataset's meta.json: a character vocabulary, or GPT-2's BPE through tiktoken.
 """
-import os
 import sys
 
 import torch

@@ -267,8 +267,8 @@ def free_port():
 
 def torchrun_cmd(nproc, *args, nodes=None):
     """torchrun on loopback: one node by default; nodes=(node_rank, port) for one of two simulated machines."""
-    where = [f"--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1"] if nodes is None else \
-        [f"--nnodes=2", f"--node_rank={nodes[0]}", "--master_addr=127.0.0.1", f"--master_port={nodes[1]}"]
+    where = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1"] if nodes is None else \
+        ["--nnodes=2", f"--node_rank={nodes[0]}", "--master_addr=127.0.0.1", f"--master_port={nodes[1]}"]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *where, "train.py", *args]
 
 
@@ -548,6 +548,7 @@ def test_a_failed_write_stops_the_run_and_harms_nothing(tmp_path, dataset, patch
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert re.fullmatch(rf"error: cannot write checkpoint {tmp_path}/ckpt_0000015\.pt(\.tmp)?: {cause}\n", done.stderr)
     assert sorted(os.listdir(tmp_path)) == ["ckpt_0000005.pt", "ckpt_0000010.pt"]
+    assert "step 20:" not in done.stdout  # the background save's failure stopped training at once
     for step in (5, 10):
         assert checkpoint.load(checkpoint.path_for(str(tmp_path), step))["step"] == step
 

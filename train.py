@@ -18,7 +18,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -320,8 +319,8 @@ def main(argv):
     # step, save it, and exit cleanly; under DDP the ranks agree on the step through a CPU all-reduce that runs
     # while the step computes, so it costs no GPU sync
     stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    default_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                        for sig in (signal.SIGTERM, signal.SIGUSR1)}
     stop_flag = torch.zeros(1, dtype=torch.int32)
     stop_group = dist.new_group(backend="gloo") if ddp else None
 
@@ -415,6 +414,10 @@ def main(argv):
             break
     if saving is not None:
         report_save(saving.result())  # the last checkpoint is on disk before the process exits
+    if saver:
+        saver.shutdown()
+    for sig, handler in default_handlers.items():  # main() may run again in this process, as the tests do
+        signal.signal(sig, handler)
     if ddp:
         dist.destroy_process_group()
 
