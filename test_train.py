@@ -478,14 +478,18 @@ def test_a_signal_saves_the_current_step_and_exits_cleanly(tmp_path, dataset, re
     assert f"resuming from step {stopped}" in rerun_to_the_end(cmd, out, reference)
 
 
-def test_ddp_ranks_agree_on_the_step_to_stop_at(tmp_path, dataset, ddp_reference):
+@pytest.mark.parametrize("to_launcher", [False, True], ids=["SIGUSR1-to-rank-1", "SIGTERM-to-torchrun"])
+def test_ddp_ranks_agree_on_the_step_to_stop_at(tmp_path, dataset, ddp_reference, to_launcher):
     out = tmp_path / "out"
     cmd = torchrun_cmd(2, *ddp_flags(dataset, out, "--checkpoint_interval=100"))
     proc = start(cmd)
     wait_for_line(proc, "step 10:")
-    os.kill(worker_with_rank(proc.pid, 1), signal.SIGUSR1)  # only rank 1 hears it; rank 0 must stop too
+    if to_launcher:  # torchrun passes SIGTERM on to every worker, then exits reporting the signal
+        proc.send_signal(signal.SIGTERM)
+    else:  # only rank 1 hears it; rank 0 must stop at the same step
+        os.kill(worker_with_rank(proc.pid, 1), signal.SIGUSR1)
     rest = proc.stdout.read()
-    assert proc.wait() == 0, rest
+    assert proc.wait() == (1 if to_launcher else 0), rest
     (stopped,) = checkpoint.list_steps(str(out))
     assert f"stopped by a signal after step {stopped}" in rest
     assert_identical(state_at(ddp_reference, stopped), state_at(out, stopped))
