@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -509,12 +510,13 @@ def test_a_dead_rank_takes_the_job_down_and_a_rerun_resumes(tmp_path, dataset, d
 
 
 def test_two_nodes_train_checkpoint_and_resume_exactly(tmp_path, dataset, ddp_reference):
-    """Two torchrun launchers on 127.0.0.1 stand for two machines, one rank each."""
+    """Two torchrun launchers on 127.0.0.1 stand for two machines, one rank each. On the resume, node 1 is
+    told another step: rank 0's choice must win, or the ranks would train different timelines."""
     out = tmp_path / "out"
-    for extra in (["--max_iters=20"], ["--from_checkpoint_step=-1"]):
+    for extra in ([["--max_iters=20"]] * 2, [["--from_checkpoint_step=-1"], ["--from_checkpoint_step=10"]]):
         port = free_port()
-        flags = ddp_flags(dataset, out, "--checkpoint_interval=10", *extra)
-        nodes = [start(torchrun_cmd(1, *flags, nodes=(rank, port)), OMP_NUM_THREADS="1") for rank in (0, 1)]
+        nodes = [start(torchrun_cmd(1, *ddp_flags(dataset, out, "--checkpoint_interval=10", *extra[rank]),
+                                    nodes=(rank, port)), OMP_NUM_THREADS="1") for rank in (0, 1)]
         outputs = [p.stdout.read() for p in nodes]
         assert [p.wait() for p in nodes] == [0, 0], outputs
     assert "resuming from step 20" in outputs[0]
@@ -685,3 +687,20 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
             assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
     assert {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "**"), recursive=True)} == before
     assert not (tmp_path / "fresh").exists()
+
+
+def test_prepare_scripts_write_a_dataset_from_any_text(tmp_path):
+    data = tmp_path / "data"
+    (data / "shakespeare_char").mkdir(parents=True)
+    shutil.copy(os.path.join(HERE, "data", "char_dataset.py"), data)
+    shutil.copy(os.path.join(HERE, "data", "shakespeare_char", "prepare.py"), data / "shakespeare_char")
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 100)
+    done = run_process([str(data / "shakespeare_char" / "prepare.py"), f"--input={text}"])
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((data / "shakespeare_char" / "meta.json").read_text())
+    ids = np.fromfile(data / "shakespeare_char" / "train.bin", dtype=np.uint16)
+    assert meta["vocab_size"] == len(set(text.read_text())) and len(ids) == int(0.9 * len(text.read_text()))
+    assert "".join(meta["chars"][i] for i in ids[:18]) == "To be, or not to b"
+    done = run_process([str(data / "shakespeare_char" / "prepare.py"), f"--input={tmp_path / 'missing.txt'}"])
+    assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "missing.txt" in done.stderr
