@@ -382,14 +382,18 @@ def children(pid):
     return out
 
 
-def kill_tree(pid):
-    """kill -9 a process and all its descendants at once, as a machine failure would (torchrun's workers do not
-    stay in its process group)."""
+def process_tree(pid):
+    """pid and all its descendants (torchrun's workers do not stay in its process group)."""
     tree, i = [pid], 0
     while i < len(tree):
         tree += children(tree[i])
         i += 1
-    for p in tree:
+    return tree
+
+
+def kill_all(pids):
+    """kill -9 every process at once, as a machine failure would."""
+    for p in pids:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
@@ -412,9 +416,14 @@ def reference(tmp_path_factory, dataset):
     return out
 
 
+def new_port(cmd):
+    """The same command with a fresh rendezvous port, so that a relaunch never races the old one's socket."""
+    return [f"--rdzv-endpoint=127.0.0.1:{free_port()}" if a.startswith("--rdzv-endpoint=") else a for a in cmd]
+
+
 def rerun_to_the_end(cmd, out, reference):
     """Rerun the same command: it must resume and end with weights equal to the unbroken reference's."""
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+    done = subprocess.run(new_port(cmd), capture_output=True, text=True, cwd=HERE, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_identical(state_at(reference, 40), state_at(out, 40))
     return done.stdout
@@ -422,22 +431,23 @@ def rerun_to_the_end(cmd, out, reference):
 
 def kill_until_done(cmd, seed, kills_wanted, out_dir):
     """Run cmd again and again, kill -9 it each time (alternately at a random moment of training and the moment
-    a checkpoint is half-written), until kills_wanted kills are done; then let it finish. Returns the number of
-    kills that caught a save half-written."""
+    a checkpoint is half-written), until kills_wanted kills are done and one caught a save half-written; then
+    let it finish. Returns the number of kills that caught a save half-written."""
     rng = random.Random(seed)
     kills = mid_save = 0
     while True:
-        proc = start(cmd)
+        proc = start(new_port(cmd))
         try:
-            if kills < kills_wanted:
+            if (kills < kills_wanted or not mid_save) and kills < 4 * kills_wanted:
                 wait_for_line(proc, "tokens per step")  # training is about to start
+                tree = process_tree(proc.pid)  # found now, so that the kill itself takes no time
                 if kills % 2:
                     time.sleep(rng.uniform(0.0, 0.5))
                 else:  # watch for the temporary file of a save in progress
                     while proc.poll() is None and not any(n.endswith(".tmp") for n in os.listdir(out_dir)):
                         pass
                 if proc.poll() is None:
-                    kill_tree(proc.pid)
+                    kill_all(tree)
                     proc.wait()
                     kills += 1
                     mid_save += any(n.endswith(".tmp") for n in os.listdir(out_dir))
@@ -446,7 +456,9 @@ def kill_until_done(cmd, seed, kills_wanted, out_dir):
             assert proc.wait() == 0, rest[-3000:]
             return mid_save
         finally:
-            kill_tree(proc.pid)
+            if proc.poll() is None:  # never signal a pid that was reaped, and so may belong to another process now
+                kill_all(process_tree(proc.pid))
+                proc.wait()
             proc.stdout.close()
 
 
