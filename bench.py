@@ -1,14 +1,15 @@
 """
 What checkpoints cost, and how fast the loop runs, measured side by side in one run. A script, not a test:
 
-    python bench.py                  # CPU: a small model and a GPT-2 124M-sized state (about 1.5 GB with AdamW)
-    python bench.py --device=cuda    # the same on a GPU, with bf16 and torch.compile
+    python bench.py                  # the GPU when there is one (bf16, torch.compile), else the CPU
+    python bench.py --device=cpu --sizes=small --steps=3 --repeats=1   # a quick look
 
-For each size it prints: training throughput of train.py's loop and of a plain nanoGPT-style loop over the
-same model and data; how long a checkpoint stalls the loop (sync save, async save, a plain in-memory copy as
-the floor) and how much slower steps run while a background save writes; save bandwidth against a raw
-write of the same bytes with fsync; launch-to-first-step of a fresh and a resumed run, and load bandwidth
-against a raw read; checkpoint size against its tensors' bytes.
+Sizes: a small model and GPT-2 124M (a 1.5 GB state with AdamW). For each it prints: training throughput of
+train.py's loop against a plain nanoGPT-style loop over the same model and data, and with --deterministic=True
+against without (what bit-exact GPU resumes cost), with the ratios; how long a checkpoint stalls the loop
+(sync save, async save, a plain in-memory copy as the floor) and how much slower steps run while a background
+save writes; save bandwidth against a raw write of the same bytes with fsync; launch-to-first-step of a fresh
+and a resumed run, and load bandwidth against a raw read; checkpoint size against its tensors' bytes.
 """
 import contextlib
 import io
@@ -21,25 +22,26 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 import checkpoint
 import train
-from configurator import parse
+from configurator import ConfigError, parse, run_main
 from model import GPT, GPTConfig
 
 CONFIG = [  # (key, default, what it sets)
-    ("device", "cpu", "cpu or cuda"),
+    ("device", "auto", "auto (the GPU when there is one), cpu, cuda (the current GPU), cuda:N or mps"),
+    ("dtype", "auto", "as train.py's: auto is bfloat16 on a GPU that has it (else float16), float32 on a CPU"),
     ("sizes", "small,gpt2", "which of small and gpt2 to measure"),
     ("steps", 0, "timed training steps per loop; 0: 20 for small, 6 on CPU (20 on a GPU) for gpt2"),
+    ("repeats", 2, "times each side of a comparison is measured, keeping the best: noise only slows a run down"),
     ("bench_dir", "", "where checkpoints are written; '' makes a temporary folder"),
 ]
 SIZES = {  # model shapes; batch shapes per device
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=128),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
 }
-BATCH = {("small", "cpu"): (16, 64), ("small", "cuda"): (64, 64), ("gpt2", "cpu"): (1, 128), ("gpt2", "cuda"): (16, 1024)}
+BATCH = {("small", "cpu"): (16, 64), ("small", "gpu"): (64, 64), ("gpt2", "cpu"): (1, 128), ("gpt2", "gpu"): (16, 1024)}
 
 
 def timed(fn, sync):
@@ -55,11 +57,8 @@ def distinct_tensors(obj, seen=None):
     seen = {} if seen is None else seen
     if isinstance(obj, torch.Tensor):
         seen[(obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape)] = obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            distinct_tensors(v, seen)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in obj.values() if isinstance(obj, dict) else obj:
             distinct_tensors(v, seen)
     return list(seen.values())
 
@@ -88,9 +87,7 @@ def plain_loop(model, data, B, T, device, autocast, compiled):
     fast = torch.compile(model) if compiled else model
 
     def step():
-        ix = torch.randint(len(data) - T, (B,))
-        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in ix])
+        x, y = train.get_batch(data, torch.randint(len(data) - T, (B,)).tolist(), T)
         if device.type == "cuda":
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
         with autocast:
@@ -105,8 +102,8 @@ def plain_loop(model, data, B, T, device, autocast, compiled):
     return step, optimizer
 
 
-def shape_flags(size, device, B, T):
-    return [f"--{k}={v}" for k, v in SIZES[size].items()] + [f"--device={device.type}", f"--batch_size={B}",
+def shape_flags(size, device, dtype, B, T):
+    return [f"--{k}={v}" for k, v in SIZES[size].items()] + [f"--device={device}", f"--dtype={dtype}", f"--batch_size={B}",
                                                               f"--block_size={T}", "--eval_iters=1", "--warmup_iters=1"]
 
 
@@ -134,32 +131,34 @@ def launch_to_first_step(argv, first_step):
     return seconds
 
 
-def bench(size, device, steps, bench_dir, rows):
-    on_gpu = device.type == "cuda"
-    B, T = BATCH[(size, device.type)]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
-    meta = train.load_meta("python_char")
-    data = np.memmap(os.path.join(train.DATA_DIR, "python_char", "train.bin"), dtype=np.uint16, mode="r")
+def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
+    on_gpu = device.type != "cpu"
+    B, T = BATCH[(size, "gpu" if on_gpu else "cpu")]
+    meta, data, _, _ = train.load_dataset("python_char", T)
     out_dir = os.path.join(bench_dir, size)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
     add = lambda what, ours, baseline, target="": rows.append((size, what, ours, baseline, target))
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
 
-    # 1. throughput: train.py's loop, then the plain loop over the same model shape and data
-    # each timed twice (ours before and after the plain loop), keeping the faster: noise only slows a run down
-    flags = shape_flags(size, device, B, T)
-    ours = our_loop(flags, steps, os.path.join(out_dir, "loop"))
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**SIZES[size])).to(device)
-    step, optimizer = plain_loop(model, data, B, T, device, autocast, on_gpu)
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    base = min(timed(lambda: [step() for _ in range(steps)], sync)[0] for _ in range(2)) / steps
-    ours = min(ours, our_loop(flags, steps, os.path.join(out_dir, "loop")))
-    tokens = B * T
-    peak = train.peak_flops(device)
-    mfu = lambda s: f", MFU {model.estimate_mfu(tokens / s, peak) * 100:.1f}%" if peak else ""
-    add("training tokens/s", f"{tokens / ours:,.0f}{mfu(ours)}", f"{tokens / base:,.0f}{mfu(base)} (plain loop)",
-        "ours >= plain" + (" ok" if ours <= base * 1.02 else " MISSED"))
+    # 1. throughput: train.py's loop with --deterministic=True and without, and the plain loop over the same model
+    # shape and data; each timed `repeats` times, interleaved, keeping the fastest: noise only slows a run down
+    flags = shape_flags(size, device, dtype, B, T)
+    det = ours = base = float("inf")
+    for r in range(repeats):
+        det = min(det, our_loop(flags + ["--deterministic=True"], steps, os.path.join(out_dir, "det")))
+        ours = min(ours, our_loop(flags, steps, os.path.join(out_dir, "loop")))  # turns deterministic mode off again
+        if r == 0:
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(**SIZES[size])).to(device)
+            step, optimizer = plain_loop(model, data, B, T, device, autocast, device.type == "cuda")
+        base = min(base, timed(lambda: [step() for _ in range(steps)], sync)[0] / steps)
+    tokens, peak = B * T, train.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    mfu = lambda s: (f", MFU {model.estimate_mfu(tokens / s, peak) * 100:.1f}%" if peak else ", MFU n/a") if on_gpu else ""
+    add("training tokens/s", f"{tokens / ours:,.0f}{mfu(ours)} ({base / ours:.2f}x plain)",
+        f"{tokens / base:,.0f}{mfu(base)} (plain loop)", "ours >= plain" + (" ok" if ours <= base * 1.02 else " MISSED"))
+    add("deterministic tokens/s", f"{tokens / det:,.0f}{mfu(det)} ({ours / det:.2f}x not deterministic)",
+        f"{tokens / ours:,.0f} not deterministic")
 
     # 2. what a checkpoint stalls the loop: sync save, async save (the snapshot), a plain copy (the floor)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1, "meta": meta}
@@ -168,7 +167,7 @@ def bench(size, device, steps, bench_dir, rows):
     checkpoint.snapshot(state, buffers)  # the first call allocates (pinned on a GPU) buffers that later saves reuse
     floor, _ = timed(lambda: [t.to("cpu", copy=True) for t in distinct_tensors(state)], sync)
     sync_s, _ = timed(lambda: checkpoint.publish(out_dir, 1, checkpoint.snapshot(state, buffers), 0, 0, []), sync)
-    async_s, snap = min((timed(lambda: checkpoint.snapshot(state, buffers), sync) for _ in range(2)), key=lambda r: r[0])
+    async_s, snap = min((timed(lambda: checkpoint.snapshot(state, buffers), sync) for _ in range(repeats)), key=lambda r: r[0])
     add("stall per checkpoint", f"async {async_s * 1e3:,.0f} ms, sync {sync_s * 1e3:,.0f} ms",
         f"plain copy to host memory {floor * 1e3:,.0f} ms",
         "async <= 5% of sync" + (" ok" if async_s <= 0.05 * sync_s else " MISSED"))
@@ -189,7 +188,7 @@ def bench(size, device, steps, bench_dir, rows):
     with open(path, "rb") as f:
         file_bytes = f.read()
     raw_s = save_s = float("inf")
-    for _ in range(2):  # interleaved, the better of two each: the disk's speed drifts
+    for _ in range(repeats):  # interleaved, the best of each: the disk's speed drifts
         raw_s = min(raw_s, timed(lambda: raw_write(os.path.join(out_dir, "raw.bin"), file_bytes), sync)[0])
         save_s = min(save_s, timed(lambda: checkpoint.save(out_dir, 3, snap), sync)[0])
     add("save bandwidth", f"{size_on_disk / save_s / 1e9:.2f} GB/s", f"{size_on_disk / raw_s / 1e9:.2f} GB/s raw write+fsync",
@@ -205,14 +204,14 @@ def bench(size, device, steps, bench_dir, rows):
     launch = flags + [f"--out_dir={os.path.join(out_dir, 'launch')}", "--checkpoint_interval=1", "--lr_decay_iters=2",
                       "--compile=False"]
     fresh = resumed = float("inf")
-    for _ in range(2):  # interleaved, the better of two each
+    for _ in range(repeats):  # interleaved, the best of each
         fresh = min(fresh, launch_to_first_step(launch + ["--max_iters=1", "--from_checkpoint_step=0"], 1))
         resumed = min(resumed, launch_to_first_step(launch + ["--max_iters=2", "--from_checkpoint_step=1"], 2))
     resumed_from = checkpoint.path_for(os.path.join(out_dir, "launch"), 1)
     raw_read(resumed_from)
     read1_s, _ = timed(lambda: raw_read(resumed_from), lambda: None)
     overhead = resumed - fresh
-    add("launch to first step", f"resumed {resumed:.2f} s (+{overhead:.2f} s)", f"fresh {fresh:.2f} s; raw read {read1_s:.2f} s",
+    add("launch to first step", f"resumed {resumed:.2f} s ({overhead:+.2f} s)", f"fresh {fresh:.2f} s; raw read {read1_s:.2f} s",
         "overhead <= 1.2x raw read" + (" ok" if overhead <= 1.2 * read1_s else " MISSED"))
 
     # 5. size against the tensors' own bytes
@@ -222,25 +221,24 @@ def bench(size, device, steps, bench_dir, rows):
 
 def main(argv):
     cfg, _ = parse(CONFIG, argv)
-    device = torch.device(cfg["device"])
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # set up as --deterministic=True does, before cuBLAS starts (its setting holds only then); train.py's runs set their own
+    device, dtype, autocast = train.setup_runtime(cfg["device"], cfg["dtype"], deterministic=True)
     bench_dir = cfg["bench_dir"] or tempfile.mkdtemp(prefix="bench-", dir=os.path.dirname(os.path.abspath(__file__)))
     rows = []
     try:
         for size in cfg["sizes"].split(","):
-            steps = cfg["steps"] or (20 if size == "small" or device.type == "cuda" else 6)
-            bench(size, device, steps, bench_dir, rows)
+            torch._dynamo.reset()  # else a second size's new shapes would compile as dynamic ones, slower
+            steps = cfg["steps"] or (20 if size == "small" or device.type != "cpu" else 6)
+            bench(size, device, dtype, autocast, steps, cfg["repeats"], bench_dir, rows)
     finally:
         if not cfg["bench_dir"]:
             shutil.rmtree(bench_dir, ignore_errors=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"bench.py on {name}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type.upper()}, {os.cpu_count()} cores"
+    print(f"bench.py on {name}, {dtype}, torch {torch.__version__}")
     widths = [max(len(r[i]) for r in rows + [("size", "what", "ours", "baseline", "target")]) for i in range(5)]
     for row in [("size", "what", "ours", "baseline", "target")] + rows:
-        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main, (checkpoint.CheckpointError,))

@@ -6,18 +6,20 @@ holds a sha256 tree digest of every byte before it (the sha256 of the sha256s of
 threads compute in parallel), so a truncated or bit-flipped file is always caught on load.
 Files are written under a temporary name, fsynced, and renamed: a file with a final name is complete.
 """
+import fcntl
 import hashlib
 import os
 import re
+import socket
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.utils.serialization
 
 CKPT_NAME = re.compile(r"ckpt_(\d{7,})\.pt")
 TMP_SUFFIX = ".tmp"
+LOCK_NAME = "train.lock"
 # the zip comment: "sha256tree:" and 64 hex digits; the two bytes before it are the zip's comment length
 DIGEST_PREFIX = b"sha256tree:"
 HASH_CHUNK = 16 << 20  # part of the format: files written with another chunk size do not verify
@@ -27,6 +29,10 @@ EOCD_SIGNATURE = b"PK\x05\x06"  # a zip's end-of-central-directory record, 22 by
 
 class CheckpointError(Exception):
     """A checkpoint that is absent, damaged or unusable: the scripts print it as one line and exit 2."""
+
+
+class Abandoned(Exception):
+    """A save given up on request (a second Ctrl-C): its temporary file is gone, nothing else changed."""
 
 
 def path_for(out_dir, step):
@@ -44,10 +50,9 @@ def snapshot(state, buffers):
     """A host copy of state's tensors (in nested dicts and lists) for a save to write while training goes on
     changing its own. The copies land in `buffers`, reused from the last call (pinned when the source is on a
     GPU, so the copies run at full speed); tensors that share memory, as tied weights do, stay shared."""
-    copies, on_gpu = {}, False
+    copies, devices = {}, set()
 
     def copy(obj, key):
-        nonlocal on_gpu
         if isinstance(obj, torch.Tensor):
             source = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
             if source not in copies:
@@ -55,7 +60,7 @@ def snapshot(state, buffers):
                 if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
                     buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
                 copies[source] = buf.copy_(obj, non_blocking=True)
-                on_gpu |= obj.is_cuda
+                devices.add(obj.device.type)
             return copies[source]
         if isinstance(obj, dict):
             return {k: copy(v, key + (k,)) for k, v in obj.items()}
@@ -64,8 +69,10 @@ def snapshot(state, buffers):
         return obj
 
     host = copy(state, ())
-    if on_gpu:
-        torch.cuda.synchronize()  # the non_blocking copies must land before anyone reads them
+    if "cuda" in devices:  # the non_blocking copies must land before the writer thread reads them
+        torch.cuda.synchronize()
+    if "mps" in devices:
+        torch.mps.synchronize()
     return host
 
 
@@ -83,20 +90,26 @@ class ChecksummedFile:
     sha256 of its 16 MiB chunk. The last 22 bytes, the zip's end record, are held back, so that finish() can
     set its comment length before they are hashed."""
 
-    def __init__(self, f):
-        self.f, self.held, self.chunks, self.offset = f, b"", [], 0
+    def __init__(self, f, abandon):
+        self.f, self.abandon, self.held, self.chunks, self.offset, self.error = f, abandon, b"", [], 0, None
 
     def write(self, data):
-        data = memoryview(data).cast("B")
-        if len(data) >= 22:
-            self._emit(self.held)
-            self._emit(data[:-22])
-            self.held = bytes(data[-22:])
-        else:
-            joined = self.held + bytes(data)
-            self._emit(joined[:-22])
-            self.held = joined[-22:]
-        return len(data)
+        try:
+            if self.abandon is not None and self.abandon.is_set():
+                raise Abandoned()
+            data = memoryview(data).cast("B")
+            if len(data) >= 22:
+                self._emit(self.held)
+                self._emit(data[:-22])
+                self.held = bytes(data[-22:])
+            else:
+                joined = self.held + bytes(data)
+                self._emit(joined[:-22])
+                self.held = joined[-22:]
+            return len(data)
+        except BaseException as e:  # torch's zip writer turns it into a RuntimeError: keep the cause for save()
+            self.error = e
+            raise
 
     def _emit(self, data):
         hashing, pos = [], 0
@@ -131,34 +144,59 @@ class ChecksummedFile:
         self.f.write(DIGEST_PREFIX + tree_digest(h.digest() for h in self.chunks))
 
 
-def save(out_dir, step, state):
-    """Publish ckpt_<step>.pt atomically: temporary name, fsync, rename, fsync of the folder."""
+def save(out_dir, step, state, abandon=None):
+    """Publish ckpt_<step>.pt atomically: temporary name, fsync, rename, fsync of the folder. Setting the
+    threading.Event `abandon` stops a save in progress (Abandoned); whatever fails, no temporary file stays."""
     path = path_for(out_dir, step)
     tmp = path + TMP_SUFFIX
+    out = None
     try:
         with open(tmp, "wb") as f:
-            out = ChecksummedFile(f)
-            # the zip's own per-record CRC32s cost torch.save about 0.4 s per GB; the tree digest covers more
-            crc32, torch.utils.serialization.config.save.compute_crc32 = torch.utils.serialization.config.save.compute_crc32, False
-            try:
-                torch.save(state, out)
-            finally:
-                torch.utils.serialization.config.save.compute_crc32 = crc32
+            out = ChecksummedFile(f, abandon)
+            torch.save(state, out)
             out.finish()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         fsync_dir(out_dir)
-    except OSError as e:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise CheckpointError(f"cannot write checkpoint {e.filename or path}: {e.strerror}") from None
+        # torch's zip writer reports whatever failed inside it (a disk error, Ctrl-C, Abandoned) as a RuntimeError
+        cause = out.error if out is not None and out.error is not None else e
+        while isinstance(cause, RuntimeError) and cause.__context__ is not None:
+            cause = cause.__context__
+        if isinstance(cause, OSError):
+            raise CheckpointError(f"cannot write checkpoint {cause.filename or tmp}: {cause.strerror}") from None
+        raise cause
     return path
 
 
-def publish(out_dir, step, state, keep_last, keep_every, protect):
+def publish(out_dir, step, state, keep_last, keep_every, protect, abandon=None):
     """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background."""
-    return save(out_dir, step, state), prune(out_dir, keep_last, keep_every, protect)
+    return save(out_dir, step, state, abandon), prune(out_dir, keep_last, keep_every, protect)
+
+
+def lock(out_dir):
+    """Hold out_dir for this run: an exclusive flock on out_dir/train.lock, which the kernel releases when the
+    process ends, kill -9 included. Returns the open file (close it to release); CheckpointError names the
+    holder when another process has it. A filesystem without locks gets a warning, not a refusal."""
+    f = open(os.path.join(out_dir, LOCK_NAME), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that is starting"
+        f.close()
+        raise CheckpointError(f"out_dir {out_dir} is in use by another run ({holder}); "
+                              f"wait for it to end, or pass another out_dir") from None
+    except OSError as e:
+        print(f"warning: cannot lock {f.name} ({e.strerror}): make sure no other run uses {out_dir}")
+        return f
+    f.truncate(0)
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def fsync_dir(path):
@@ -201,7 +239,8 @@ def verify(path):
 
 
 def load(path):
-    """Verify and load a checkpoint (tensors and plain data only); CheckpointError when it is unusable."""
+    """Verify and load a checkpoint (tensors and plain data only); CheckpointError when it is unusable,
+    including when it holds another step than its name says."""
     try:
         problem = verify(path)
     except OSError as e:
@@ -209,15 +248,21 @@ def load(path):
     if problem is None:
         try:
             # mmap: tensors come straight from the page cache the check just filled, copy-on-write
-            return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
         except Exception as e:  # weights_only refuses anything but tensors and plain data
             problem = f"refused by torch.load(weights_only=True): {str(e).splitlines()[0]}"
+        else:
+            named = CKPT_NAME.fullmatch(os.path.basename(path))
+            if not named or (isinstance(state, dict) and state.get("step") == int(named.group(1))):
+                return state
+            problem = f"it holds step {state.get('step') if isinstance(state, dict) else None!r}, not the step in its name"
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
 
 
 def find(out_dir, requested, warn=print):
     """The (step, state) to resume: requested=-1 is the newest good checkpoint, skipping damaged ones with a
-    warning, or (0, None) when there is none; N > 0 is exactly step N; 0 is a fresh start."""
+    warning, or (0, None) when there is none (when there are only damaged ones, an error lists them);
+    N > 0 is exactly step N; 0 is a fresh start."""
     steps = list_steps(out_dir)
     if requested == 0:
         return 0, None
@@ -226,11 +271,16 @@ def find(out_dir, requested, warn=print):
             have = ", ".join(map(str, steps)) or "none"
             raise CheckpointError(f"no checkpoint for step {requested} in {out_dir} (steps available: {have})")
         return requested, load(path_for(out_dir, requested))
+    problems = []
     for step in reversed(steps):
         try:
             return step, load(path_for(out_dir, step))
         except CheckpointError as e:
             warn(f"warning: {e}; trying an older one")
+            problems.append(f"step {step}: {str(e).split(': ', 1)[-1]}")
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {out_dir} ({'; '.join(problems)}); "
+                              f"--from_checkpoint_step=0 starts over and sets them aside")
     return 0, None
 
 
@@ -276,23 +326,29 @@ def remove_temporaries(out_dir):
 
 def describe(out_dir):
     """One row per checkpoint: step, when written, train/val loss at that step, size, and whether it verifies."""
-    rows = [("step", "written", "train loss", "val loss", "size", "status")]
+    rows, origin = [("step", "written", "train loss", "val loss", "size", "status")], None
     for step in list_steps(out_dir):
         path = path_for(out_dir, step)
-        written, train_loss, val_loss, status = time.localtime(os.path.getmtime(path)), None, None, "ok"
+        try:  # a live run may prune this file while we look
+            written, size = time.localtime(os.path.getmtime(path)), os.path.getsize(path)
+        except FileNotFoundError:
+            continue
+        train_loss, val_loss, status = None, None, "ok"
         try:
             state = load(path)
             written = time.localtime(state["written_at"])
-            train_loss, val_loss = state.get("train_loss"), state.get("val_loss")
+            train_loss, val_loss, origin = state.get("train_loss"), state.get("val_loss"), state.get("origin", origin)
         except CheckpointError as e:
             status = str(e).split(": ", 1)[-1]
         rows.append((str(step), time.strftime("%Y-%m-%d %H:%M:%S", written),
                      "-" if train_loss is None else f"{train_loss:.4f}", "-" if val_loss is None else f"{val_loss:.4f}",
-                     f"{os.path.getsize(path) / 1e6:.1f} MB", status))
+                     f"{size / 1e6:.1f} MB", status))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     leftovers = sorted(n for n in os.listdir(out_dir) if n.endswith(TMP_SUFFIX))
     aside = sorted(n for n in os.listdir(out_dir) if n.startswith("abandoned-"))
+    if origin not in (None, "scratch"):
+        lines.append(f"started from: {origin}")
     if leftovers:
         lines.append(f"incomplete writes (ignored, removed at the next start): {', '.join(leftovers)}")
     if aside:

@@ -3,8 +3,10 @@ Config from Python files and --key=value flags, applied in command-line order, s
 
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
-A config file runs in a fresh namespace, and every name it assigns must be a known key (names that start
-with an underscore and imported modules excepted, so a file may compute with helpers). A flag's value is a
+A config file runs in a fresh namespace, and every plain value it assigns to a public name must be a known
+key; a file may compute with helpers, since modules, functions, classes (anything callable) and names that
+start with an underscore are not keys. Anything that goes wrong in a file, even sys.exit(), is one error
+line that names the file and the line. A flag's value is a
 Python literal; a bare word such as --device=cuda is a string, and so is any text given to a string key. A value must have its default's type (an int
 is fine where a float is expected); a key whose default is None takes any literal.
 """
@@ -17,6 +19,16 @@ import types
 
 class ConfigError(Exception):
     """Bad input. The scripts print it as one line on stderr and exit with code 2, having written nothing."""
+
+
+def run_main(main, errors=()):
+    """A script's entry point: main(argv), with ConfigError and the given error classes (bad input, all) printed
+    as one line on stderr and exit code 2."""
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse(spec, argv):
@@ -51,18 +63,27 @@ def help_text(spec):
 
 def run_config_file(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror.lower()}") from None
+    try:
+        source = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"config file {path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}: {e.reason})") from None
     namespace = {"__file__": path}
     try:
         exec(compile(source, path, "exec"), namespace)
-    except Exception as e:  # any error in the user's file becomes one line that names the file
-        line = getattr(e, "lineno", None) or _traceback_line(e, path)
-        raise ConfigError(f"config file {path}, line {line}: {type(e).__name__}: {e}") from None
+    # BaseException too: a file's sys.exit() or raise KeyboardInterrupt is its error, not a way to end the script
+    except BaseException as e:
+        # only a SyntaxError in the file itself has the file's line; one from code the file compiles has another's
+        line = e.lineno if isinstance(e, SyntaxError) and e.filename == path else _traceback_line(e, path)
+        text = " ".join(str(e).splitlines())  # the message may span lines; the error is one line
+        what = f"{type(e).__name__}: {text}" if text else type(e).__name__  # sys.exit() and KeyboardInterrupt have no text
+        raise ConfigError(f"config file {path}, line {line}: {what}") from None
     return {name: value for name, value in namespace.items()
-            if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+            if not name.startswith("_") and not isinstance(value, types.ModuleType) and not callable(value)}
 
 
 def _traceback_line(e, path):

@@ -122,8 +122,9 @@ class GPT(nn.Module):
         b, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"sequence of length {t} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (b, t, n_embd)
+        # positions 0..t-1 are a slice of the table, not a lookup: its gradient is then a sum over the batch, where
+        # an embedding's backward would scatter-add, which deterministic mode makes slow on a GPU
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe.weight[:t])  # (b, t, n_embd)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
@@ -177,3 +178,4 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1)  # (b, 1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+

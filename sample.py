@@ -10,9 +10,9 @@ import sys
 import torch
 
 import checkpoint
-from configurator import ConfigError, parse
+from configurator import ConfigError, parse, run_main
 from model import GPT, GPTConfig
-from train import check_device, setup_device
+from train import check_device, setup_runtime
 
 CONFIG = [  # (key, default, what it sets); `python sample.py --help` prints this table
     ("out_dir", "out", "folder of the run's ckpt_<step>.pt files"),
@@ -23,7 +23,7 @@ CONFIG = [  # (key, default, what it sets); `python sample.py --help` prints thi
     ("temperature", 0.8, "1.0 samples the model's distribution; lower is more conservative"),
     ("top_k", 200, "sample among the k likeliest tokens only; 0 disables"),
     ("device", "auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"),
-    ("dtype", "auto", "auto (bfloat16 where the GPU supports it, else float32), float32, bfloat16 or float16"),
+    ("dtype", "auto", "auto (bfloat16 on a GPU that has it, else float16; float32 on CPU), float32, bfloat16 or float16"),
     ("seed", 1337, "seeds the sampling"),
 ]
 
@@ -46,7 +46,7 @@ def tokenizer(meta):
 
 def main(argv):
     cfg, _ = parse(CONFIG, argv)
-    check_device(cfg)
+    check_device(cfg["device"], cfg["dtype"])
     for key in ("num_samples", "max_new_tokens"):
         if cfg[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
@@ -69,7 +69,7 @@ def main(argv):
     if not ids:
         raise ConfigError("start: the prompt is empty; give at least one token")
 
-    device, autocast = setup_device(cfg)
+    device, _, autocast = setup_runtime(cfg["device"], cfg["dtype"])
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(**state["model_args"]))
     model.load_state_dict(state["model"])
@@ -85,8 +85,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, (checkpoint.CheckpointError,))

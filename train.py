@@ -9,15 +9,20 @@ Checkpoints land in out_dir as ckpt_<step>.pt; a resumed run computes exactly wh
 The batch of each step and the dropout masks of each micro-step are pure functions of (seed, step, position
 in the global batch), so resuming needs no data-loader or RNG state, and 1 or N ranks see the same data.
 """
+import fcntl
+import hashlib
+import importlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import numpy as np
 import torch
@@ -26,18 +31,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 from configurator import ConfigError, parse
+from export import GPT2_HUB_NAMES, load_hf_gpt2
 from model import GPT, GPTConfig
 
 CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this table
     ("out_dir", "out", "folder for ckpt_<step>.pt files"),
     ("from_checkpoint_step", -1, "-1: resume the newest checkpoint in out_dir, if any; N: resume step N; 0: start fresh"),
+    ("init_from", "scratch", "a fresh start's weights: scratch, gpt2[-medium|-large|-xl], a Hugging Face GPT-2 folder, "
+                             "or another run's checkpoint file or out_dir[:step]; 'resume', nanoGPT's word, is scratch"),
+    ("eval_only", False, "evaluate the checkpoint a resume would pick (or init_from's weights), print the losses, exit"),
     ("checkpoint_interval", 250, "save a checkpoint every this many steps, and at the last step"),
     ("async_checkpoint", True, "write checkpoints in a background thread; the loop waits only for a host copy"),
     ("keep_last_checkpoints", 3, "keep the newest this many checkpoints, delete older ones; 0 keeps all"),
     ("keep_every", 0, "also keep, for good, checkpoints of steps divisible by this; 0: none"),
+    ("keep_best", True, "also keep the checkpoint with the best val loss"),
+    ("always_save_checkpoint", True, "nanoGPT's key: False also saves at each evaluation that lowers the best val loss"),
     ("eval_interval", 250, "estimate train/val loss every this many steps, and at the last step"),
     ("eval_iters", 20, "batches per loss estimate"),
-    ("log_interval", 10, "print loss, lr, ms/step, tokens/s and MFU every this many steps"),
+    ("log_interval", 10, "print loss, lr, ms/step, tokens/s and MFU every this many steps, and add them to metrics.jsonl"),
+    ("wandb_log", False, "also log to Weights & Biases (pip install wandb); a resume continues the same wandb run"),
+    ("wandb_project", "gpt-resume", "wandb project"),
+    ("wandb_run_name", "run", "wandb run name"),
     ("dataset", "python_char", "a folder under data/, or a path to one, with train.bin, val.bin and meta.json"),
     ("batch_size", 16, "sequences per micro-batch on each rank"),
     ("block_size", 64, "context length in tokens"),
@@ -57,17 +71,26 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     ("warmup_iters", 100, "steps of linear warmup from 0"),
     ("lr_decay_iters", 2000, "step at which the cosine decay reaches min_lr; about max_iters"),
     ("min_lr", 1e-4, "learning rate after lr_decay_iters; about learning_rate/10"),
+    ("decay_lr", True, "warmup, then cosine decay; False: learning_rate throughout"),
     ("device", "auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"),
-    ("dtype", "auto", "auto (bfloat16 where the GPU supports it, else float32), float32, bfloat16 or float16"),
+    ("dtype", "auto", "auto (bfloat16 on a GPU that has it, else float16 with loss scaling; float32 on CPU), float32, bfloat16 or float16"),
+    ("deterministic", False, "deterministic GPU kernels, so a resumed GPU run equals an unbroken one bit for bit; slower"),
     ("compile", None, "torch.compile the model; None: on for CUDA only"),
+    ("backend", "auto", "nanoGPT's key, for its config files: gradients go over NCCL on CUDA, gloo on CPU, whatever it says"),
     ("seed", 1337, "seeds the initial weights, the batches and dropout"),
 ]
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # a resumed model takes these from its checkpoint
+RUN_KEYS = ("out_dir", "from_checkpoint_step", "init_from", "eval_only")  # this command's alone: a resume takes every other key from the checkpoint
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TRAIN_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2  # keep the three uses of the seed independent
+TOKEN_DTYPES = ("uint16", "uint32")  # what meta.json's "dtype" may say; uint16 when it says nothing
+# dense bf16 (or fp16) peak FLOP/s by the words of torch.cuda.get_device_name, for MFU; the first match wins
+PEAK_FLOPS = [(("H100", "PCIe"), 756e12), (("H100", "NVL"), 835e12), (("H100",), 989e12), (("H200",), 989e12),
+              (("GH200",), 989e12), (("B200",), 2250e12), (("A100",), 312e12), (("A10",), 125e12), (("L40S",), 362e12),
+              (("L4",), 121e12), (("4090",), 165e12), (("3090",), 71e12), (("V100",), 125e12), (("T4",), 65e12)]
 
 
-def check_config(cfg, world_size):
+def check_config(cfg, world_size, local_rank):
     """Reject bad values and combinations before anything is started or written."""
     for key in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
                 "max_iters", "eval_iters", "eval_interval", "log_interval", "checkpoint_interval"):
@@ -85,8 +108,8 @@ def check_config(cfg, world_size):
         raise ConfigError(f"beta1 and beta2 must be in [0, 1), got {cfg['beta1']} and {cfg['beta2']}")
     if cfg["warmup_iters"] > cfg["lr_decay_iters"]:
         raise ConfigError(f"warmup_iters={cfg['warmup_iters']} must not exceed lr_decay_iters={cfg['lr_decay_iters']}")
-    if cfg["from_checkpoint_step"] < -1:
-        raise ConfigError(f"from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, got {cfg['from_checkpoint_step']}")
+    if not 0 <= cfg["seed"] < 2 ** 63:  # numpy's and torch's generators both take it
+        raise ConfigError(f"seed must be in [0, 2**63), got {cfg['seed']}")
     if cfg["gradient_accumulation_steps"] % world_size:
         raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible "
                           f"by the number of ranks, {world_size}")
@@ -94,54 +117,157 @@ def check_config(cfg, world_size):
         raise ConfigError(f"vocab_size must be None or a positive int, got {cfg['vocab_size']!r}")
     if cfg["compile"] not in (None, True, False):
         raise ConfigError(f"compile must be None, True or False, got {cfg['compile']!r}")
-    check_device(cfg)
+    check_device(cfg["device"], cfg["dtype"], local_rank)
 
 
-def check_device(cfg):
-    if cfg["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg['dtype']!r}")
-    if cfg["device"] != "auto" and cfg["device"].split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {cfg['device']!r}")
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg['device']} but CUDA is not available on this machine")
+def check_run_keys(cfg):
+    """The keys that pick the run and the checkpoint: checked first, since the others may come from it."""
+    if not cfg["out_dir"]:
+        raise ConfigError("out_dir must not be empty")
+    if cfg["from_checkpoint_step"] < -1:
+        raise ConfigError(f"from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, got {cfg['from_checkpoint_step']}")
+    path = os.path.abspath(cfg["out_dir"])
+    while not os.path.exists(path):  # out_dir must be a folder we can write in, or creatable; nothing is created here
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"out_dir {cfg['out_dir']}: {path} is not a folder")
+    if not cfg["eval_only"] and not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir {cfg['out_dir']}: {path} is not writable")
+
+
+def check_device(device, dtype, local_rank=None):
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    resolve_device(device, local_rank)
+
+
+def resolve_device(requested, local_rank=None, cuda_count=None, mps_available=None):
+    """The torch.device that `requested` (auto, cpu, cuda, cuda:N, mps) names on this machine; local_rank is set
+    under torchrun. cuda_count and mps_available default to what this machine has: tests pass them, so every
+    case runs on a CPU. Creates no CUDA context."""
+    cuda_count = torch.cuda.device_count() if cuda_count is None else cuda_count
+    mps_available = torch.backends.mps.is_available() if mps_available is None else mps_available
+    name = ("cuda" if cuda_count else "cpu") if requested == "auto" else requested
+    kind, colon, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (colon and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {requested!r}")
+    if kind == "mps" and not mps_available:
+        raise ConfigError(f"device={requested} but MPS is not available in this build of torch on this machine")
+    if kind == "mps" and local_rank is not None:
+        raise ConfigError("device=mps cannot run under torchrun: DDP needs cuda or cpu")
+    if kind != "cuda":
+        return torch.device(kind)
+    if not cuda_count:
+        raise ConfigError(f"device={requested} but CUDA is not available on this machine")
+    if local_rank is not None:
+        if index:  # every rank would pile onto GPU N
+            raise ConfigError(f"device={requested}: under torchrun each rank takes the GPU of its LOCAL_RANK; "
+                              f"pass device=cuda, and choose GPUs with CUDA_VISIBLE_DEVICES")
+        if local_rank >= cuda_count:
+            raise ConfigError(f"LOCAL_RANK={local_rank} but this machine has {cuda_count} GPU(s): "
+                              f"lower --nproc_per_node")
+        return torch.device("cuda", local_rank)
+    if index and int(index) >= cuda_count:
+        raise ConfigError(f"device={requested} but this machine has {cuda_count} GPU(s): cuda:0 to cuda:{cuda_count - 1}")
+    # "cuda" is the current device, which CUDA_VISIBLE_DEVICES selects; an explicit index makes set_device work
+    return torch.device("cuda", int(index) if index else 0)
+
+
+def resolve_dtype(requested, device, bf16_supported):
+    """auto: bfloat16 on a GPU that supports it, else float16 (with the GradScaler) on a GPU, float32 elsewhere."""
+    if requested == "auto":
+        return ("bfloat16" if bf16_supported else "float16") if device.type == "cuda" else "float32"
+    if requested == "bfloat16" and device.type == "cuda" and not bf16_supported:
+        raise ConfigError("dtype=bfloat16 but this GPU does not support it: use float16 (or auto)")
+    return requested
+
+
+def setup_runtime(device, dtype, deterministic=False, local_rank=None):
+    """Everything about the device, in one place and before anything touches CUDA: determinism, TF32, the
+    current GPU. Returns the device, the resolved dtype's name, and the autocast context of forward passes."""
+    # deterministic kernels, torch.compile's included, must be chosen before cuBLAS starts
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic or "torch._inductor.config" in sys.modules:  # importing inductor takes seconds: only if needed
+        importlib.import_module("torch._inductor.config").deterministic = deterministic
+    device = resolve_device(device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the speed-up nanoGPT takes; deterministic too
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = resolve_dtype(dtype, device, device.type == "cuda" and torch.cuda.is_bf16_supported())
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return device, dtype, nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
+
+
+def peak_flops(device_name):
+    """The GPU's dense bf16 peak from PEAK_FLOPS, or None (MFU prints n/a) for a CPU or a GPU not in the table."""
+    words = set(device_name.replace("-", " ").split())
+    return next((flops for key, flops in PEAK_FLOPS if words.issuperset(key)), None)
 
 
 def dataset_dir(name):
     return name if os.sep in name or name.startswith(".") else os.path.join(DATA_DIR, name)
 
 
-def load_meta(name):
-    """The dataset's meta.json; runs data/<name>/prepare.py first when the dataset has not been prepared yet."""
+def load_dataset(name, block_size, known=None):
+    """Prepare the dataset if it is not yet (one process at a time: torchrun's ranks queue on a lock, and the
+    first prepares), check all that training relies on, and return (meta, train, val, fingerprint). The
+    fingerprint (vocabulary, token dtype, sizes, a hash of meta.json and of 32 spread 64 KiB blocks per file)
+    identifies the data cheaply, even for 17 GB files; data with the fingerprint `known` (a resume's, checked
+    when the run began) skips the scan of every token id."""
     folder = dataset_dir(name)
-    files = [os.path.join(folder, f) for f in ("train.bin", "val.bin", "meta.json")]
+    paths = [os.path.join(folder, f) for f in ("train.bin", "val.bin", "meta.json")]
     prepare = os.path.join(folder, "prepare.py")
-    if not all(map(os.path.exists, files)) and os.path.exists(prepare):
-        print(f"dataset {name} is not prepared yet: running {prepare}")
-        done = subprocess.run([sys.executable, prepare], capture_output=True, text=True)
-        if done.returncode:
-            last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
-            raise ConfigError(f"dataset {name}: {prepare} failed: {last}")
-    missing = [f for f in files if not os.path.exists(f)]
+    if not all(map(os.path.exists, paths)) and os.path.exists(prepare):
+        try:
+            with open(os.path.join(folder, "prepare.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not all(map(os.path.exists, paths)):  # or another process prepared it while we waited
+                    print(f"dataset {name} is not prepared yet: running {prepare}")
+                    done = subprocess.run([sys.executable, prepare], capture_output=True, text=True)
+                    if done.returncode:
+                        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+                        raise ConfigError(f"dataset {name}: {prepare} failed: {last}")
+        except OSError as e:
+            raise ConfigError(f"dataset {name}: cannot prepare it in {folder}: {e.strerror}") from None
+    missing = [f for f in paths if not os.path.exists(f)]
     if missing:
         raise ConfigError(f"dataset {name}: missing {', '.join(missing)}")
     try:
-        with open(files[2]) as f:
-            meta = json.load(f)
-        assert type(meta["vocab_size"]) is int
+        with open(paths[2], "rb") as f:
+            meta_bytes = f.read()
+        meta = json.loads(meta_bytes)
+        assert type(meta["vocab_size"]) is int and meta["vocab_size"] > 0
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise ConfigError(f"dataset {name}: {files[2]} has no integer vocab_size") from None
-    return meta
-
-
-def check_out_dir(out_dir):
-    """out_dir must be a folder we can write in, or creatable; nothing is created here."""
-    path = os.path.abspath(out_dir)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ConfigError(f"out_dir {out_dir}: {path} is not a folder")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"out_dir {out_dir}: {path} is not writable")
+        raise ConfigError(f"dataset {name}: {paths[2]} has no positive integer vocab_size") from None
+    if meta.get("dtype", "uint16") not in TOKEN_DTYPES:
+        raise ConfigError(f"dataset {name}: meta.json's dtype must be uint16 or uint32, got {meta['dtype']!r}")
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    if meta["vocab_size"] > np.iinfo(dtype).max + 1:
+        raise ConfigError(f"dataset {name}: vocab_size {meta['vocab_size']} does not fit {dtype} token ids; "
+                          f"meta.json must say \"dtype\": \"uint32\"")
+    digest, arrays = hashlib.sha256(meta_bytes), []
+    for path in paths[:2]:
+        size = os.path.getsize(path)
+        if size % dtype.itemsize or size // dtype.itemsize <= block_size:
+            raise ConfigError(f"dataset {name}: {path} is {size} bytes: not a whole number of {dtype} tokens, "
+                              f"or fewer than block_size+1 = {block_size + 1} of them")
+        data = np.memmap(path, dtype=dtype, mode="r")
+        for i in np.linspace(0, max(len(data) - (1 << 15), 0), 32).astype(np.int64):
+            digest.update(data[i:i + (1 << 15)].tobytes())
+        arrays.append(data)
+    fingerprint = {"vocab_size": meta["vocab_size"], "dtype": str(dtype), "train.bin bytes": os.path.getsize(paths[0]),
+                   "val.bin bytes": os.path.getsize(paths[1]), "sampled sha256": digest.hexdigest()}
+    if fingerprint != known:  # every id once, so that no batch indexes past the embedding mid-run
+        for path, data in zip(paths, arrays):
+            top = max(int(data[i:i + (1 << 26)].max()) for i in range(0, len(data), 1 << 26))
+            if top >= meta["vocab_size"]:
+                raise ConfigError(f"dataset {name}: {path} holds token id {top}, outside meta.json's vocab_size "
+                                  f"{meta['vocab_size']}; prepare the dataset again")
+    return meta, arrays[0], arrays[1], fingerprint
 
 
 def batch_starts(seed, stream, step, rows, n_tokens, block_size):
@@ -164,6 +290,8 @@ def micro_seed(seed, step, micro_step):
 
 def get_lr(step, cfg):
     """Learning rate of the update from `step` to step+1: linear warmup, then cosine decay to min_lr."""
+    if not cfg["decay_lr"]:
+        return cfg["learning_rate"]
     if step < cfg["warmup_iters"]:
         return cfg["learning_rate"] * (step + 1) / (cfg["warmup_iters"] + 1)
     if step >= cfg["lr_decay_iters"]:
@@ -172,43 +300,81 @@ def get_lr(step, cfg):
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def setup_device(cfg, local_rank=None):
-    """Resolve cfg's device and dtype ("auto", or cuda under torchrun) in place; returns the device and the
-    autocast context that forward passes run under."""
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if local_rank is not None and cfg["device"] == "cuda":
-        cfg["device"] = f"cuda:{local_rank}"  # one GPU per rank
-    device = torch.device(cfg["device"])
-    if cfg["dtype"] == "auto":
-        cfg["dtype"] = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
-    return device, nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
+def init_weights(source):
+    """(model_args, model state, a description) of a fresh start's weights: GPT-2's released ones (a hub name or a
+    Hugging Face folder) or another run's checkpoint (a file, or an out_dir with an optional :step)."""
+    if source in GPT2_HUB_NAMES or os.path.isfile(os.path.join(source, "config.json")):
+        try:
+            model_args, weights = load_hf_gpt2(source)
+        except (ValueError, OSError, ImportError) as e:
+            raise ConfigError(f"init_from={source}: {e}") from None
+        return model_args, weights, f"Hugging Face GPT-2 {source}"
+    folder, colon, step = source.rpartition(":")
+    if not (colon and step.isdigit()):
+        folder, step = source, "-1"
+    if os.path.isfile(source):
+        state = checkpoint.load(source)
+    elif os.path.isdir(folder):
+        state = checkpoint.find(folder, int(step), warn=print)[1]
+        if state is None:
+            raise ConfigError(f"init_from={source}: no checkpoint in {folder}")
+    else:
+        raise ConfigError(f"init_from={source}: not scratch, {', '.join(GPT2_HUB_NAMES)}, a Hugging Face GPT-2 folder, "
+                          f"or a checkpoint file or out_dir")
+    return state["model_args"], state["model"], f"{source} (step {state['step']})"
 
 
-def peak_flops(device):
-    """Dense bf16 peak of the GPU, for MFU; None where unknown (CPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12)) if key in name), 312e12)
+def metrics_path(folder):
+    return os.path.join(folder, "metrics.jsonl")
+
+
+def trim_metrics(out_dir, step, abandoned):
+    """metrics.jsonl is the history of the live timeline: its lines past `step` (of an abandoned timeline, or of
+    steps a crash lost, which this run computes again) leave it, into the abandoned folder when there is one;
+    a last line that a crash cut short is dropped."""
+    if not os.path.exists(metrics_path(out_dir)):
+        return
+    kept, past = [], []
+    with open(metrics_path(out_dir)) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if entry is not None and line.endswith("\n"):  # else the last line, which a crash cut short
+                # a start or resume marked at `step` is marked anew by this run
+                (past if entry["step"] > step or (entry["step"] == step and "event" in entry) else kept).append(line)
+    for folder, lines in ((abandoned, past), (out_dir, kept)):
+        if folder is not None:
+            with open(metrics_path(folder) + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(metrics_path(folder) + ".tmp", metrics_path(folder))
 
 
 def resolve_start(cfg, ddp, master):
-    """Rank 0 picks the checkpoint to resume and tells the others, so every rank resumes the same step."""
-    choice, state = [0, None], None  # (step, error message)
+    """Rank 0 locks out_dir (one run per folder; eval_only reads and needs no lock) and picks the checkpoint to
+    resume; it tells the other ranks, so every rank resumes the same step. Returns (step, state or None, lock)."""
+    choice, state, lock = [0, None], None, None  # (step, error message)
     if master:
         try:
-            choice[0], state = checkpoint.find(cfg["out_dir"], cfg["from_checkpoint_step"], warn=print)
+            requested, steps = cfg["from_checkpoint_step"], checkpoint.list_steps(cfg["out_dir"])
+            if requested > 0 and requested not in steps:  # said before the folder is touched
+                have = ", ".join(map(str, steps)) or "none"
+                raise checkpoint.CheckpointError(f"no checkpoint for step {requested} in {cfg['out_dir']} (steps available: {have})")
+            if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # else the folder is locked when writing starts
+                lock = checkpoint.lock(cfg["out_dir"])
+            choice[0], state = checkpoint.find(cfg["out_dir"], requested, warn=print)
         except checkpoint.CheckpointError as e:
             choice[1] = str(e)
     if ddp:
         dist.broadcast_object_list(choice, src=0)
     if choice[1]:
+        if lock:
+            lock.close()
         raise checkpoint.CheckpointError(choice[1])
     if choice[0] and state is None:
         state = checkpoint.load(checkpoint.path_for(cfg["out_dir"], choice[0]))
-    return choice[0], state
+    return choice[0], state, lock
 
 
 def main(argv):
@@ -216,210 +382,315 @@ def main(argv):
     ddp = "RANK" in os.environ
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     master = rank == 0
-    check_config(cfg, world_size)
-    meta = load_meta(cfg["dataset"])
-    check_out_dir(cfg["out_dir"])
-
-    device, autocast = setup_device(cfg, local_rank if ddp else None)
-    if cfg["compile"] is None:
-        cfg["compile"] = device.type == "cuda"
-    if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: the same speed-up nanoGPT takes
-        torch.backends.cudnn.allow_tf32 = True
     log = print if master else (lambda *a, **k: None)
+    check_run_keys(cfg)
+    with ExitStack() as cleanup:  # whatever ends the run, an error or Ctrl-C included, undoes what was set up
+        if ddp:  # gloo carries the few control messages on any device; CUDA gradients get an NCCL group below
+            dist.init_process_group(backend="gloo")
+            cleanup.callback(dist.destroy_process_group)
 
-    # the checkpoint to resume, chosen by rank 0; its model shape wins over defaults, never over an explicit flag
-    start_step, state = resolve_start(cfg, ddp, master)
-    if state is not None:
-        for key in SHAPE_KEYS:
-            if key in given and cfg[key] != state["model_args"][key]:
-                raise ConfigError(f"{key}={cfg[key]!r} contradicts checkpoint step {start_step}, "
-                                  f"whose model has {key}={state['model_args'][key]!r}")
-            cfg[key] = state["model_args"][key]
-        changed = [f"{k}: {state['config'].get(k)!r} -> {v!r}" for k, v in cfg.items()
-                   if k != "from_checkpoint_step" and state["config"].get(k) != v]
-        log(f"resuming from step {start_step}" + (f"; config differs from the checkpoint's: {'; '.join(changed)}" if changed else ""))
-    else:
-        log("starting fresh" + (f": no checkpoint in {cfg['out_dir']}" if cfg["from_checkpoint_step"] == -1 else ""))
-    if cfg["vocab_size"] is None:
-        cfg["vocab_size"] = meta["vocab_size"]
-    if cfg["vocab_size"] < meta["vocab_size"]:
-        raise ConfigError(f"vocab_size={cfg['vocab_size']} is smaller than dataset {cfg['dataset']}'s {meta['vocab_size']}")
-    folder = dataset_dir(cfg["dataset"])
-    B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
-    for name in ("train.bin", "val.bin"):
-        if os.path.getsize(os.path.join(folder, name)) // 2 <= T:
-            raise ConfigError(f"dataset {cfg['dataset']}: {name} has fewer than block_size+1 = {T + 1} tokens")
-    train_data = np.memmap(os.path.join(folder, "train.bin"), dtype=np.uint16, mode="r")
-    val_data = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
-    log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in cfg.items()))
+        # the checkpoint to resume, chosen by rank 0. A resume continues the same run: every key comes from the
+        # checkpoint's config unless this command sets it, and the model's shape must match the checkpoint's
+        start_step, state, lock = resolve_start(cfg, ddp, master)
+        if lock:
+            cleanup.callback(lock.close)
+        if state is not None:
+            changed = [f"{k}: {state['config'].get(k)!r} -> {cfg[k]!r}" for k in sorted(given - set(RUN_KEYS))
+                       if k in state["config"] and state["config"][k] != cfg[k]]
+            cfg |= {k: v for k, v in state["config"].items() if k in cfg and k not in given and k not in RUN_KEYS}
+            for key in SHAPE_KEYS:
+                if key in given and cfg[key] != state["model_args"][key]:
+                    raise ConfigError(f"{key}={cfg[key]!r} contradicts checkpoint step {start_step}, "
+                                      f"whose model has {key}={state['model_args'][key]!r}")
+                cfg[key] = state["model_args"][key]
+            log(f"resuming from step {start_step}" + (f"; changed by this command: {'; '.join(changed)}" if changed else ""))
+        else:
+            log("starting fresh" + (f": no checkpoint in {cfg['out_dir']}" if cfg["from_checkpoint_step"] == -1 else ""))
+        check_config(cfg, world_size, local_rank if ddp else None)
+        # a fresh start from other weights takes their shape; a smaller block_size crops the position table
+        weights, origin = None, state.get("origin", "scratch") if state is not None else "scratch"
+        if state is None and cfg["init_from"] not in ("scratch", "resume"):
+            source_args, weights, origin = init_weights(cfg["init_from"])
+            for key in SHAPE_KEYS:
+                if key in given and cfg[key] != source_args[key] and not (key == "block_size" and cfg[key] < source_args[key]):
+                    raise ConfigError(f"{key}={cfg[key]!r} contradicts init_from's model, which has {key}={source_args[key]!r}")
+                if key not in given:
+                    cfg[key] = source_args[key]
+        elif state is not None and "init_from" in given:
+            log(f"init_from applies to a fresh start only: this run resumes its own step {start_step}")
+        meta, train_data, val_data, data_id = load_dataset(cfg["dataset"], cfg["block_size"],
+                                                           state.get("data") if state is not None else None)
+        if state is not None and state.get("data", data_id) != data_id:
+            changes = [f"{k} {state['data'].get(k)} -> {v}" for k, v in data_id.items() if state["data"].get(k) != v]
+            raise ConfigError(f"dataset {cfg['dataset']} is not the data step {start_step} was trained on "
+                              f"({'; '.join(changes)}); to train these weights on other data, start a new run")
+        vocab_size = cfg["vocab_size"] or meta["vocab_size"]
+        if vocab_size < meta["vocab_size"]:
+            raise ConfigError(f"vocab_size={vocab_size} is smaller than dataset {cfg['dataset']}'s {meta['vocab_size']}")
+        if cfg["wandb_log"] and master:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("wandb_log=True needs wandb: pip install wandb") from None
+        if cfg["backend"] != "auto":  # nanoGPT's key that means nothing here says so
+            log(f"backend={cfg['backend']} (nanoGPT's key) changes nothing here: gradients go over NCCL on CUDA, "
+                f"gloo otherwise")
+        device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"], cfg["deterministic"], local_rank if ddp else None)
 
-    # every check has passed: only now is anything written
-    if master:
-        try:
-            os.makedirs(cfg["out_dir"], exist_ok=True)
-            checkpoint.remove_temporaries(cfg["out_dir"])
-            abandoned = checkpoint.set_aside_newer(cfg["out_dir"], start_step)
-        except OSError as e:
-            raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
-        if abandoned:
-            log(f"rewinding to step {start_step}: moved the newer checkpoints into {abandoned}")
-
-    torch.manual_seed(cfg["seed"])
-    model_args = {k: cfg[k] for k in SHAPE_KEYS} | {"dropout": cfg["dropout"]}
-    raw_model = GPT(GPTConfig(**model_args)).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["dtype"] == "float16")
-    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device.type)
-    best_val_loss, tokens_seen = float("inf"), 0
-    if state is not None:
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        best_val_loss, tokens_seen = state["best_val_loss"], state["tokens_seen"]
-    state = None  # free the host copy
-    fast_model = torch.compile(raw_model) if cfg["compile"] else raw_model
-    model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else fast_model
-
-    local_accum = accum // world_size
-    tokens_per_step = accum * B * T
-    flops_peak = peak_flops(device)
-
-    def to_device(x, y):
-        if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
-    def batch(step, micro):
-        """This rank's micro-batch `micro` of the global batch of `step`."""
-        starts = batch_starts(cfg["seed"], TRAIN_STREAM, step, accum * B, len(train_data), T)
-        first = (rank * local_accum + micro) * B
-        return to_device(*get_batch(train_data, starts[first:first + B], T))
-
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over the same eval_iters batches every time; eval mode, so no dropout and no RNG used."""
-        fast_model.eval()
-        out = {}
-        for split, data in (("train", train_data), ("val", val_data)):
-            losses = torch.zeros(cfg["eval_iters"])
-            for k in range(cfg["eval_iters"]):
-                starts = batch_starts(cfg["seed"], EVAL_STREAM, k, B, len(data), T)
-                x, y = to_device(*get_batch(data, starts, T))
-                with autocast:
-                    _, loss = fast_model(x, y)
-                losses[k] = loss.item()
-            out[split] = losses.mean().item()
-        fast_model.train()
-        return out
-
-    # SIGTERM and SIGUSR1 (what schedulers and spot instances send before taking the machine) finish the current
-    # step, save it, and exit cleanly; under DDP the ranks agree on the step through a CPU all-reduce that runs
-    # while the step computes, so it costs no GPU sync
-    stop_signal = []
-    default_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-                        for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    stop_flag = torch.zeros(1, dtype=torch.int32)
-    stop_group = dist.new_group(backend="gloo") if ddp else None
-
-    # checkpoints: the loop waits for a host snapshot; with async_checkpoint, a thread writes it out
-    saver = ThreadPoolExecutor(max_workers=1) if cfg["async_checkpoint"] and master else None
-    saving, snapshot_buffers = None, {}
-
-    def report_save(result):
-        path, pruned = result
-        log(f"saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
-
-    step = start_step
-    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
-        f"({accum} x {B} x {T}, {world_size} rank{'s' if world_size > 1 else ''}); training to step {cfg['max_iters']}")
-    x, y = batch(step, 0)
-    t0, steps_timed = time.time(), 0  # ms/step counts training alone, not evals or saves
-    while step < cfg["max_iters"]:
+        torch.manual_seed(cfg["seed"])
+        model_args = {k: cfg[k] for k in SHAPE_KEYS} | {"vocab_size": vocab_size, "dropout": cfg["dropout"]}
+        if weights is not None:  # built in the source's shape, then cropped to block_size
+            raw_model = GPT(GPTConfig(**source_args | {"dropout": cfg["dropout"]}))
+            raw_model.load_state_dict(weights)
+            raw_model.crop_block_size(cfg["block_size"])
+            log(f"starting from the weights of {origin}")
+            weights = None
+        else:
+            raw_model = GPT(GPTConfig(**model_args))
+        raw_model.to(device)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+        optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device.type)
+        best_val_loss, tokens_seen, best_saved, wandb_id = float("inf"), 0, None, None
+        if state is not None:
+            raw_model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            for group in optimizer.param_groups:  # the loaded groups carry the checkpoint's values: the config's win
+                group["betas"] = (cfg["beta1"], cfg["beta2"])
+            optimizer.param_groups[0]["weight_decay"] = cfg["weight_decay"]  # group 0 decays, group 1 never does
+            if scaler.is_enabled() and state["scaler"]:  # a run that switches to float16 starts a new loss scale
+                scaler.load_state_dict(state["scaler"])
+            best_val_loss, tokens_seen = state["best_val_loss"], state["tokens_seen"]
+            best_saved, wandb_id = state.get("best_checkpoint"), state.get("wandb_run_id")
+        state = None  # free the host copy
+        use_compile = device.type == "cuda" if cfg["compile"] is None else cfg["compile"]
+        fast_model = torch.compile(raw_model) if use_compile else raw_model
         if ddp:
-            stop_flag.fill_(1 if stop_signal else 0)
-            stop_vote = dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, group=stop_group, async_op=True)
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(local_accum):
-            if ddp:  # all-reduce the gradients once, on the last micro-step
-                model.require_backward_grad_sync = micro == local_accum - 1
-            torch.manual_seed(micro_seed(cfg["seed"], step, rank * local_accum + micro))
-            with autocast:
-                _, loss = model(x, y)
-                loss = loss / local_accum  # DDP averages over ranks; this averages over micro-steps
-            # fetch the next micro-batch while the GPU works on this one
-            x, y = batch(step, micro + 1) if micro + 1 < local_accum else batch(step + 1, 0)
-            scaler.scale(loss).backward()
-        if cfg["grad_clip"] > 0.0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_timed += 1
-        tokens_seen += tokens_per_step
+            grads = dist.new_group(backend="nccl") if device.type == "cuda" else None
+            model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None, process_group=grads)
+        else:
+            model = fast_model
 
-        if ddp:
-            stop_vote.wait()
-        stop = bool(stop_flag.item()) if ddp else bool(stop_signal)
-        last = step == cfg["max_iters"]
-        do_log = step % cfg["log_interval"] == 0 or last or stop
-        do_eval = master and (step % cfg["eval_interval"] == 0 or last)
-        do_save = master and (step % cfg["checkpoint_interval"] == 0 or last or stop)
-        if do_log:
-            loss_now = loss.item() * local_accum  # the one host-device sync of the loop; a micro-batch's loss
-            dt = (time.time() - t0) / steps_timed
-            mfu = f"{raw_model.estimate_mfu(tokens_per_step / dt, flops_peak * world_size) * 100:.1f}%" if flops_peak else "n/a"
-            log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
-                f"{tokens_per_step / dt:,.0f} tokens/s, mfu {mfu}")
-        losses = {}
-        if do_eval:
+        B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
+        local_accum = accum // world_size
+        tokens_per_step = accum * B * T
+        flops_peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+        def to_device(x, y):
+            if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+                return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+            return x.to(device), y.to(device)
+
+        def batch(step, micro):
+            """This rank's micro-batch `micro` of the global batch of `step`."""
+            starts = batch_starts(cfg["seed"], TRAIN_STREAM, step, accum * B, len(train_data), T)
+            first = (rank * local_accum + micro) * B
+            return to_device(*get_batch(train_data, starts[first:first + B], T))
+
+        @torch.no_grad()
+        def estimate_loss():
+            """Mean loss over the same eval_iters batches every time; eval mode, so no dropout and no RNG used."""
+            fast_model.eval()
+            out = {}
+            for split, data in (("train", train_data), ("val", val_data)):
+                losses = torch.zeros(cfg["eval_iters"])
+                for k in range(cfg["eval_iters"]):
+                    starts = batch_starts(cfg["seed"], EVAL_STREAM, k, B, len(data), T)
+                    x, y = to_device(*get_batch(data, starts, T))
+                    with autocast:
+                        _, loss = fast_model(x, y)
+                    losses[k] = loss.item()
+                out[split] = losses.mean().item()
+            fast_model.train()
+            return out
+
+        if cfg["eval_only"]:
             losses = estimate_loss()
-            best_val_loss = min(best_val_loss, losses["val"])
-            log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        if do_save:
-            if saving is not None:
-                saving = report_save(saving.result())  # at most one save in flight; its error, if any, stops the run
-            snap = checkpoint.snapshot({
-                "model": raw_model.state_dict(),  # clean names: neither DDP's module. nor compile's _orig_mod.
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "config": cfg,
-                "model_args": model_args,
-                "meta": meta,  # the vocabulary, so sample.py needs nothing but the checkpoint
-                # dropout is seeded from (seed, step, micro-step): config's seed is all its randomness needs
-                "best_val_loss": best_val_loss,
-                "tokens_seen": tokens_seen,
-                "train_loss": losses.get("train"),
-                "val_loss": losses.get("val"),
-                "written_at": time.time(),
-            }, snapshot_buffers)
-            job = (cfg["out_dir"], step, snap, cfg["keep_last_checkpoints"], cfg["keep_every"], [start_step])
-            if saver:
-                saving = saver.submit(checkpoint.publish, *job)
-            else:
-                report_save(checkpoint.publish(*job))
-        elif saving is not None and saving.done():
-            saving = report_save(saving.result())  # raises here, at the next step, if the background save failed
-        if do_log or do_eval or do_save:
-            t0, steps_timed = time.time(), 0
-        if stop:
-            log(f"stopped by a signal after step {step}; rerun the same command to resume")
-            break
-    if saving is not None:
-        report_save(saving.result())  # the last checkpoint is on disk before the process exits
-    if saver:
-        saver.shutdown()
-    for sig, handler in default_handlers.items():  # main() may run again in this process, as the tests do
-        signal.signal(sig, handler)
-    if ddp:
-        dist.destroy_process_group()
+            log(f"step {start_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (eval_only: nothing written)")
+            return
+        if start_step >= cfg["max_iters"]:
+            log(f"nothing to train: step {start_step} has reached max_iters={cfg['max_iters']}; "
+                f"raise --max_iters to train further")
+            return
+        log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in cfg.items()) + f"\n  (device {device}, dtype {dtype})")
+
+        # every check has passed: only now is anything written
+        if master:
+            try:
+                if lock is None:  # a new out_dir: lock it, and make sure no other run got there first
+                    os.makedirs(cfg["out_dir"], exist_ok=True)
+                    lock = checkpoint.lock(cfg["out_dir"])
+                    cleanup.callback(lock.close)
+                    if checkpoint.list_steps(cfg["out_dir"]):
+                        raise checkpoint.CheckpointError(f"out_dir {cfg['out_dir']} got checkpoints from another run meanwhile")
+                checkpoint.remove_temporaries(cfg["out_dir"])
+                abandoned = checkpoint.set_aside_newer(cfg["out_dir"], start_step)
+                trim_metrics(cfg["out_dir"], start_step, abandoned)
+                metrics = open(metrics_path(cfg["out_dir"]), "a")
+                cleanup.callback(metrics.close)
+            except OSError as e:
+                raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
+            if abandoned:
+                log(f"rewinding to step {start_step}: moved the newer checkpoints into {abandoned}")
+            if cfg["wandb_log"]:  # one wandb run per timeline: a resume continues it, a rewind starts another
+                if abandoned and wandb_id:
+                    log(f"wandb: run {wandb_id} keeps the abandoned steps; this timeline continues in a new run")
+                wandb_id = wandb_id if wandb_id and not abandoned else uuid.uuid4().hex[:8]
+                try:
+                    wandb_run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], id=wandb_id,
+                                           resume="allow", config=cfg)
+                except Exception as e:  # not logged in, no network: wandb has many kinds of error
+                    raise ConfigError(f"wandb_log=True, but wandb cannot start: {type(e).__name__}: "
+                                      f"{' '.join(str(e).split())}; try WANDB_MODE=offline") from None
+                cleanup.callback(wandb_run.finish)
+
+        def record(**fields):
+            """A line of metrics.jsonl, and a wandb log when it is on (rank 0 only). wandb drops steps it has
+            seen, so the steps a crash lost and this run computes again are not logged twice."""
+            if master:
+                metrics.write(json.dumps({"step": step, "time": time.time(), **fields}) + "\n")
+                metrics.flush()
+                if cfg["wandb_log"] and "event" not in fields:
+                    wandb_run.log(fields, step=step)
+
+        # SIGTERM and SIGUSR1 (what schedulers and spot instances send before taking the machine) and Ctrl-C finish
+        # the current step, save it, and exit cleanly. A second Ctrl-C stops at once; it must come a second after
+        # the first, since torchrun passes each Ctrl-C on to workers that the terminal already sent it to
+        stop_signals = []  # (signal, time)
+
+        def on_signal(signum, frame):
+            if signum == signal.SIGINT and any(s == signum and time.time() - t > 1.0 for s, t in stop_signals):
+                raise KeyboardInterrupt
+            stop_signals.append((signum, time.time()))
+
+        default_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        cleanup.callback(lambda: [signal.signal(sig, h) for sig, h in default_handlers.items()])
+        stop_flag = torch.zeros(1, dtype=torch.int32)
+
+        # checkpoints: the loop waits for a host snapshot; with async_checkpoint, a thread writes it out. At most one
+        # save is in flight; whatever ends the run waits for it, but a second Ctrl-C abandons it (no file is left)
+        saver = ThreadPoolExecutor(max_workers=1) if cfg["async_checkpoint"] and master else None
+        abandon = threading.Event()  # set: the write in flight stops and removes its temporary file
+
+        def wait_for_saver(kind, error, traceback):
+            """Whatever ends the run waits for the save in flight; Ctrl-C, now or while waiting, abandons it."""
+            try:
+                if kind is KeyboardInterrupt:
+                    abandon.set()
+                saver.shutdown()
+            except KeyboardInterrupt:
+                abandon.set()
+                saver.shutdown()
+                raise
+
+        if saver:
+            cleanup.push(wait_for_saver)
+        in_flight, snapshot_buffers = [], {}
+
+        def report_save(path, pruned):
+            log(f"saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
+
+        def finish_save():
+            """Wait for the save in flight, if any; a failed save raises here and stops the run."""
+            while in_flight:
+                report_save(*in_flight.pop().result())
+
+        step = start_step
+        log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
+            f"({accum} x {B} x {T}, {world_size} rank{'s' if world_size > 1 else ''}); training to step {cfg['max_iters']}")
+        if use_compile:
+            log("compiling the model: the first step takes longer (about a minute for GPT-2 124M on a GPU)")
+        record(event="resume" if start_step else "start")
+        x, y = batch(step, 0)
+        t0, steps_timed = time.time(), 0  # ms/step counts training alone, not evals or saves
+        while step < cfg["max_iters"]:
+            if ddp:  # the ranks vote on stopping while the step computes; the vote is read at the step's end
+                stop_flag.fill_(1 if stop_signals else 0)
+                stop_vote = dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, async_op=True)
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(local_accum):
+                if ddp:  # all-reduce the gradients once, on the last micro-step
+                    model.require_backward_grad_sync = micro == local_accum - 1
+                torch.manual_seed(micro_seed(cfg["seed"], step, rank * local_accum + micro))
+                with autocast:
+                    _, loss = model(x, y)
+                    loss = loss / local_accum  # DDP averages over ranks; this averages over micro-steps
+                # fetch the next micro-batch while the GPU works on this one
+                x, y = batch(step, micro + 1) if micro + 1 < local_accum else batch(step + 1, 0)
+                scaler.scale(loss).backward()
+            if cfg["grad_clip"] > 0.0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_timed += 1
+            tokens_seen += tokens_per_step
+
+            if ddp:
+                stop_vote.wait()
+            stop = bool(stop_flag.item()) if ddp else bool(stop_signals)
+            last = step == cfg["max_iters"]
+            do_log = step % cfg["log_interval"] == 0 or last or stop
+            do_eval = master and (step % cfg["eval_interval"] == 0 or last)
+            if do_log:
+                loss_now = loss.item() * local_accum  # the one host-device sync of the loop; a micro-batch's loss
+                dt = (time.time() - t0) / steps_timed
+                mfu = raw_model.estimate_mfu(tokens_per_step / dt, flops_peak * world_size) if flops_peak else None
+                left = int(dt * (cfg["max_iters"] - step))  # evals and saves come on top
+                log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
+                    f"{tokens_per_step / dt:,.0f} tokens/s, mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}, "
+                    f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} to go")
+                record(loss=loss_now, lr=lr, ms_per_step=dt * 1000, tokens_per_s=tokens_per_step / dt, tokens=tokens_seen, mfu=mfu)
+            losses, improved = {}, False
+            if do_eval:
+                losses = estimate_loss()
+                improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
+                log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                record(train_loss=losses["train"], val_loss=losses["val"])
+            # nanoGPT's always_save_checkpoint=False: also save where the val loss is the best yet
+            do_save = master and (step % cfg["checkpoint_interval"] == 0 or last or stop
+                                  or (improved and not cfg["always_save_checkpoint"]))
+            if do_save:
+                finish_save()
+                if losses and (best_saved is None or losses["val"] < best_saved[0]):
+                    best_saved = [losses["val"], step]  # the checkpoint keep_best keeps
+                snap = checkpoint.snapshot({
+                    "model": raw_model.state_dict(),  # clean names: neither DDP's module. nor compile's _orig_mod.
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "config": cfg,  # as given: a resume on another machine resolves device and dtype anew
+                    "model_args": model_args,
+                    "meta": meta,  # the vocabulary, so sample.py needs nothing but the checkpoint
+                    "data": data_id,  # a resume on other data is refused
+                    # dropout is seeded from (seed, step, micro-step): config's seed is all its randomness needs
+                    "best_val_loss": best_val_loss,
+                    "tokens_seen": tokens_seen,
+                    "train_loss": losses.get("train"),
+                    "val_loss": losses.get("val"),
+                    "best_checkpoint": best_saved,  # [val loss, step] of the best checkpoint so far
+                    "origin": origin,  # the weights step 0 started from: scratch, GPT-2, or another run's
+                    "wandb_run_id": wandb_id,
+                    "written_at": time.time(),
+                }, snapshot_buffers)
+                save = dict(out_dir=cfg["out_dir"], step=step, state=snap, keep_last=cfg["keep_last_checkpoints"],
+                            keep_every=cfg["keep_every"], abandon=abandon,
+                            protect=[start_step] + ([best_saved[1]] if cfg["keep_best"] and best_saved else []))
+                if saver:
+                    in_flight.append(saver.submit(checkpoint.publish, **save))
+                else:
+                    report_save(*checkpoint.publish(**save))
+            elif in_flight and in_flight[0].done():
+                finish_save()  # raises here, at the step after a background save failed
+            if do_log or do_eval or do_save:
+                t0, steps_timed = time.time(), 0
+            if stop:
+                log(f"stopped by a signal after step {step}; rerun the same command to resume")
+                break
+        finish_save()  # the last checkpoint is on disk before the process exits
 
 
 if __name__ == "__main__":
@@ -429,3 +700,8 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("interrupted: stopped at once, without saving the current step; rerun the same command to resume",
+                  file=sys.stderr)
+        sys.exit(130)

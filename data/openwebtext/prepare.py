@@ -25,7 +25,7 @@ def tokenize(example):
 for name, dset in split.items():
     tokenized = dset.map(tokenize, remove_columns=["text"], num_proc=NUM_PROC, desc=f"tokenizing {name}")
     total = int(np.sum(tokenized["len"], dtype=np.uint64))
-    tmp = os.path.join(here, f"{name}.bin.tmp")
+    tmp = os.path.join(here, f"{name}.bin.tmp{os.getpid()}")  # the pid: concurrent preparers never share one
     out = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(total,))
     pos = 0
     for shard in range(1024):  # in shards, so the whole split never sits in memory at once
@@ -35,5 +35,8 @@ for name, dset in split.items():
     out.flush()
     os.replace(tmp, os.path.join(here, f"{name}.bin"))
     print(f"{name}: {total:,} tokens")
-with open(os.path.join(here, "meta.json"), "w") as f:
-    json.dump({"vocab_size": enc.n_vocab, "tokenizer": "gpt2"}, f)
+# meta.json last, also renamed into place: its presence marks the dataset complete
+tmp = os.path.join(here, f"meta.json.tmp{os.getpid()}")
+with open(tmp, "w") as f:
+    json.dump({"vocab_size": enc.n_vocab, "tokenizer": "gpt2", "dtype": "uint16"}, f)
+os.replace(tmp, os.path.join(here, "meta.json"))
