@@ -181,7 +181,10 @@ def lock(out_dir):
     """Hold out_dir for this run: an exclusive flock on out_dir/train.lock, which the kernel releases when the
     process ends, kill -9 included. Returns the open file (close it to release); CheckpointError names the
     holder when another process has it. A filesystem without locks gets a warning, not a refusal."""
-    f = open(os.path.join(out_dir, LOCK_NAME), "a+")
+    try:
+        f = open(os.path.join(out_dir, LOCK_NAME), "a+")
+    except OSError as e:
+        raise CheckpointError(f"cannot open {e.filename}: {e.strerror}") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

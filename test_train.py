@@ -768,6 +768,7 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
         ([data, fresh, "--seed=-1"], "seed must be in [0, 2**63), got -1"),
         ([data, fresh, "--out_dir="], "out_dir must not be empty"),
         ([data, fresh, "--device=cuda:x"], "device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),
+        ([data, fresh, "--compile=1"], "compile must be None, True or False, got 1"),
     ]
     before = files_and_mtimes(tmp_path)
     # in this process, each: the error is one line naming the problem, and nothing is written
@@ -1105,6 +1106,12 @@ def test_init_from_another_run_takes_its_weights_and_a_new_optimizer(tmp_path, d
     run(out, dataset, "--max_iters=2", "--block_size=8", f"--init_from={tmp_path / 'a'}")  # a resume continues its own
     assert "init_from applies to a fresh start only: this run resumes its own step 1" in capsys.readouterr().out
     assert f"started from: {init_from} (step 5)" in run_process(["checkpoint.py", str(out)]).stdout
+    other = tmp_path / "other"
+    other.mkdir()
+    char_dataset.write_char_dataset("abcdefgh " * 200, str(other))
+    capsys.readouterr()
+    run(tmp_path / "d", str(other), f"--init_from={tmp_path / 'a'}", "--max_iters=1")
+    assert f"warning: dataset {other}'s vocabulary is not init_from's" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"n_layer=3 contradicts init_from's model, which has n_layer=2"):
         run(tmp_path / "c", dataset, f"--init_from={tmp_path / 'a'}", "--n_layer=3")
     with pytest.raises(ConfigError, match=r"init_from=nowhere: not scratch, gpt2, gpt2-medium"):

@@ -9,6 +9,7 @@ Checkpoints land in out_dir as ckpt_<step>.pt; a resumed run computes exactly wh
 The batch of each step and the dropout masks of each micro-step are pure functions of (seed, step, position
 in the global batch), so resuming needs no data-loader or RNG state, and 1 or N ranks see the same data.
 """
+import difflib
 import fcntl
 import hashlib
 import importlib
@@ -115,7 +116,7 @@ def check_config(cfg, world_size, local_rank):
                           f"by the number of ranks, {world_size}")
     if cfg["vocab_size"] is not None and (type(cfg["vocab_size"]) is not int or cfg["vocab_size"] <= 0):
         raise ConfigError(f"vocab_size must be None or a positive int, got {cfg['vocab_size']!r}")
-    if cfg["compile"] not in (None, True, False):
+    if not (cfg["compile"] is None or isinstance(cfg["compile"], bool)):
         raise ConfigError(f"compile must be None, True or False, got {cfg['compile']!r}")
     check_device(cfg["device"], cfg["dtype"], local_rank)
 
@@ -188,9 +189,11 @@ def setup_runtime(device, dtype, deterministic=False, local_rank=None):
     # deterministic kernels, torch.compile's included, must be chosen before cuBLAS starts
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
+    # use_deterministic_algorithms imports inductor, which takes seconds: only when the mode changes
+    if deterministic != torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
-    if deterministic or "torch._inductor.config" in sys.modules:  # importing inductor takes seconds: only if needed
+    if deterministic or "torch._inductor.config" in sys.modules:
         importlib.import_module("torch._inductor.config").deterministic = deterministic
     device = resolve_device(device, local_rank)
     if device.type == "cuda":
@@ -235,7 +238,8 @@ def load_dataset(name, block_size, known=None):
             raise ConfigError(f"dataset {name}: cannot prepare it in {folder}: {e.strerror}") from None
     missing = [f for f in paths if not os.path.exists(f)]
     if missing:
-        raise ConfigError(f"dataset {name}: missing {', '.join(missing)}")
+        close = difflib.get_close_matches(name, os.listdir(DATA_DIR), n=1) if folder == os.path.join(DATA_DIR, name) else []
+        raise ConfigError(f"dataset {name}: missing {', '.join(missing)}" + (f" (did you mean {close[0]}?)" if close else ""))
     try:
         with open(paths[2], "rb") as f:
             meta_bytes = f.read()
@@ -301,14 +305,14 @@ def get_lr(step, cfg):
 
 
 def init_weights(source):
-    """(model_args, model state, a description) of a fresh start's weights: GPT-2's released ones (a hub name or a
-    Hugging Face folder) or another run's checkpoint (a file, or an out_dir with an optional :step)."""
+    """(model_args, model state, a description, the vocabulary) of a fresh start's weights: GPT-2's released ones
+    (a hub name or a Hugging Face folder) or another run's checkpoint (a file, or an out_dir with an optional :step)."""
     if source in GPT2_HUB_NAMES or os.path.isfile(os.path.join(source, "config.json")):
         try:
             model_args, weights = load_hf_gpt2(source)
         except (ValueError, OSError, ImportError) as e:
             raise ConfigError(f"init_from={source}: {e}") from None
-        return model_args, weights, f"Hugging Face GPT-2 {source}"
+        return model_args, weights, f"Hugging Face GPT-2 {source}", {"tokenizer": "gpt2"}
     folder, colon, step = source.rpartition(":")
     if not (colon and step.isdigit()):
         folder, step = source, "-1"
@@ -321,7 +325,7 @@ def init_weights(source):
     else:
         raise ConfigError(f"init_from={source}: not scratch, {', '.join(GPT2_HUB_NAMES)}, a Hugging Face GPT-2 folder, "
                           f"or a checkpoint file or out_dir")
-    return state["model_args"], state["model"], f"{source} (step {state['step']})"
+    return state["model_args"], state["model"], f"{source} (step {state['step']})", state["meta"]
 
 
 def metrics_path(folder):
@@ -410,7 +414,7 @@ def main(argv):
         # a fresh start from other weights takes their shape; a smaller block_size crops the position table
         weights, origin = None, state.get("origin", "scratch") if state is not None else "scratch"
         if state is None and cfg["init_from"] not in ("scratch", "resume"):
-            source_args, weights, origin = init_weights(cfg["init_from"])
+            source_args, weights, origin, source_vocab = init_weights(cfg["init_from"])
             for key in SHAPE_KEYS:
                 if key in given and cfg[key] != source_args[key] and not (key == "block_size" and cfg[key] < source_args[key]):
                     raise ConfigError(f"{key}={cfg[key]!r} contradicts init_from's model, which has {key}={source_args[key]!r}")
@@ -426,7 +430,11 @@ def main(argv):
                               f"({'; '.join(changes)}); to train these weights on other data, start a new run")
         vocab_size = cfg["vocab_size"] or meta["vocab_size"]
         if vocab_size < meta["vocab_size"]:
-            raise ConfigError(f"vocab_size={vocab_size} is smaller than dataset {cfg['dataset']}'s {meta['vocab_size']}")
+            whose = " (init_from's model)" if weights is not None else ""
+            raise ConfigError(f"vocab_size={vocab_size}{whose} is smaller than dataset {cfg['dataset']}'s {meta['vocab_size']}")
+        if weights is not None and [source_vocab.get(k) for k in ("chars", "tokenizer")] != [meta.get(k) for k in ("chars", "tokenizer")]:
+            log(f"warning: dataset {cfg['dataset']}'s vocabulary is not init_from's: the weights will read its token ids "
+                f"as other characters or words")
         if cfg["wandb_log"] and master:
             try:
                 import wandb
@@ -512,6 +520,8 @@ def main(argv):
                 f"raise --max_iters to train further")
             return
         log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in cfg.items()) + f"\n  (device {device}, dtype {dtype})")
+        if device.type == "cpu" and dtype != "float32":
+            log(f"note: dtype={dtype} on a CPU runs under autocast, often several times slower than float32")
 
         # every check has passed: only now is anything written
         if master:
@@ -688,7 +698,9 @@ def main(argv):
             if do_log or do_eval or do_save:
                 t0, steps_timed = time.time(), 0
             if stop:
-                log(f"stopped by a signal after step {step}; rerun the same command to resume")
+                rerun = "the same command" if cfg["from_checkpoint_step"] == -1 else \
+                    "it without --from_checkpoint_step, which would rewind again,"
+                log(f"stopped by a signal after step {step}; rerun {rerun} to resume")
                 break
         finish_save()  # the last checkpoint is on disk before the process exits
 
@@ -702,6 +714,7 @@ if __name__ == "__main__":
         sys.exit(2)
     except KeyboardInterrupt:
         if int(os.environ.get("RANK", 0)) == 0:
-            print("interrupted: stopped at once, without saving the current step; rerun the same command to resume",
-                  file=sys.stderr)
+            rewinds = any(a.startswith("--from_checkpoint_step=") and a != "--from_checkpoint_step=-1" for a in sys.argv)
+            rerun = "it without --from_checkpoint_step, which would rewind again," if rewinds else "the same command"
+            print(f"interrupted: stopped at once, without saving the current step; rerun {rerun} to resume", file=sys.stderr)
         sys.exit(130)
