@@ -26,7 +26,7 @@ import torch
 
 import checkpoint
 import train
-from configurator import ConfigError, parse, run_main
+from configurator import parse, run_main
 from model import GPT, GPTConfig
 
 CONFIG = [  # (key, default, what it sets)

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import struct
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -266,16 +267,13 @@ def find(out_dir, requested, warn=print):
     """The (step, state) to resume: requested=-1 is the newest good checkpoint, skipping damaged ones with a
     warning, or (0, None) when there is none (when there are only damaged ones, an error lists them);
     N > 0 is exactly step N; 0 is a fresh start."""
-    steps = list_steps(out_dir)
     if requested == 0:
         return 0, None
     if requested > 0:
-        if requested not in steps:
-            have = ", ".join(map(str, steps)) or "none"
-            raise CheckpointError(f"no checkpoint for step {requested} in {out_dir} (steps available: {have})")
+        require_step(out_dir, requested)
         return requested, load(path_for(out_dir, requested))
     problems = []
-    for step in reversed(steps):
+    for step in reversed(list_steps(out_dir)):
         try:
             return step, load(path_for(out_dir, step))
         except CheckpointError as e:
@@ -285,6 +283,25 @@ def find(out_dir, requested, warn=print):
         raise CheckpointError(f"no usable checkpoint in {out_dir} ({'; '.join(problems)}); "
                               f"--from_checkpoint_step=0 starts over and sets them aside")
     return 0, None
+
+
+def require_step(out_dir, step):
+    """A CheckpointError that lists the steps there are, unless out_dir holds a checkpoint of `step`."""
+    steps = list_steps(out_dir)
+    if step not in steps:
+        have = ", ".join(map(str, steps)) or "none"
+        raise CheckpointError(f"no checkpoint for step {step} in {out_dir} (steps available: {have})")
+
+
+def find_to_read(out_dir, requested, reader):
+    """(step, state) for a script that only reads a run (sample.py, export.py): requested=-1 is the newest good
+    checkpoint, N exactly step N. `reader` says what the script does with it ("sample from"), for the error."""
+    if requested < -1 or requested == 0:
+        raise CheckpointError(f"from_checkpoint_step must be -1 (newest) or a step, got {requested}")
+    step, state = find(out_dir, requested, warn=lambda message: print(message, file=sys.stderr))
+    if state is None:
+        raise CheckpointError(f"no checkpoint to {reader} in {out_dir}")
+    return step, state
 
 
 def set_aside_newer(out_dir, step):
@@ -360,7 +377,6 @@ def describe(out_dir):
 
 
 if __name__ == "__main__":
-    import sys
     if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
         print("usage: python checkpoint.py <out_dir>   (lists the checkpoints in out_dir and verifies each)", file=sys.stderr)
         sys.exit(2)

@@ -16,7 +16,6 @@ import mmap
 import os
 import shutil
 import struct
-import sys
 
 import torch
 
@@ -198,14 +197,10 @@ def to_hf_gpt2(state_dict, model_args):
 
 def main(argv):
     cfg, _ = parse(CONFIG, argv)
-    if cfg["from_checkpoint_step"] < -1 or cfg["from_checkpoint_step"] == 0:
-        raise ConfigError(f"from_checkpoint_step must be -1 (newest) or a step, got {cfg['from_checkpoint_step']}")
     dest = os.path.normpath(cfg["export_dir"])  # no trailing slash: dest.tmp<pid> is then its sibling
     if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
         raise ConfigError(f"export_dir {dest} exists and is not an empty folder: remove it, or pass another")
-    step, state = checkpoint.find(cfg["out_dir"], cfg["from_checkpoint_step"], warn=lambda m: print(m, file=sys.stderr))
-    if state is None:
-        raise ConfigError(f"no checkpoint to export in {cfg['out_dir']}")
+    step, state = checkpoint.find_to_read(cfg["out_dir"], cfg["from_checkpoint_step"], "export")
     tensors, config = to_hf_gpt2(state["model"], state["model_args"])
     gpt2_bpe = state["meta"].get("tokenizer") == "gpt2"
     # transformers checks these against the vocabulary: GPT-2's <|endoftext|>, or none for another vocabulary

@@ -52,8 +52,6 @@ def main(argv):
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
     if cfg["temperature"] <= 0.0 or cfg["top_k"] < 0:
         raise ConfigError(f"temperature must be positive and top_k not negative, got {cfg['temperature']} and {cfg['top_k']}")
-    if cfg["from_checkpoint_step"] < -1 or cfg["from_checkpoint_step"] == 0:
-        raise ConfigError(f"from_checkpoint_step must be -1 (newest) or a step, got {cfg['from_checkpoint_step']}")
     start = cfg["start"]
     if start.startswith("FILE:"):
         try:
@@ -61,9 +59,7 @@ def main(argv):
                 start = f.read()
         except OSError as e:
             raise ConfigError(f"start: cannot read {start[5:]}: {e.strerror}") from None
-    step, state = checkpoint.find(cfg["out_dir"], cfg["from_checkpoint_step"], warn=lambda m: print(m, file=sys.stderr))
-    if state is None:
-        raise ConfigError(f"no checkpoint to sample from in {cfg['out_dir']}")
+    step, state = checkpoint.find_to_read(cfg["out_dir"], cfg["from_checkpoint_step"], "sample from")
     encode, decode = tokenizer(state["meta"])
     ids = encode(start)
     if not ids:

@@ -361,10 +361,9 @@ def resolve_start(cfg, ddp, master):
     choice, state, lock = [0, None], None, None  # (step, error message)
     if master:
         try:
-            requested, steps = cfg["from_checkpoint_step"], checkpoint.list_steps(cfg["out_dir"])
-            if requested > 0 and requested not in steps:  # said before the folder is touched
-                have = ", ".join(map(str, steps)) or "none"
-                raise checkpoint.CheckpointError(f"no checkpoint for step {requested} in {cfg['out_dir']} (steps available: {have})")
+            requested = cfg["from_checkpoint_step"]
+            if requested > 0:  # said before the folder is touched
+                checkpoint.require_step(cfg["out_dir"], requested)
             if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # else the folder is locked when writing starts
                 lock = checkpoint.lock(cfg["out_dir"])
             choice[0], state = checkpoint.find(cfg["out_dir"], requested, warn=print)
