@@ -52,17 +52,6 @@ def timed(fn, sync):
     return time.perf_counter() - t0, out
 
 
-def distinct_tensors(obj, seen=None):
-    """The tensors in obj (nested dicts and lists), each memory region once: tied weights count once."""
-    seen = {} if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        seen[(obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape)] = obj
-    elif isinstance(obj, (dict, list, tuple)):
-        for v in obj.values() if isinstance(obj, dict) else obj:
-            distinct_tensors(v, seen)
-    return list(seen.values())
-
-
 def raw_write(path, data):
     """Plain sequential writes with fsync: the disk's own speed for these very bytes (a virtual disk may
     compress or deduplicate, so a repeated block would flatter it)."""
@@ -87,9 +76,7 @@ def plain_loop(model, data, B, T, device, autocast, compiled):
     fast = torch.compile(model) if compiled else model
 
     def step():
-        x, y = train.get_batch(data, torch.randint(len(data) - T, (B,)).tolist(), T)
-        if device.type == "cuda":
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        x, y = train.get_batch(data, torch.randint(len(data) - T, (B,)).tolist(), T, device)
         with autocast:
             _, loss = fast(x, y)
         loss.backward()
@@ -153,7 +140,7 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
             model = GPT(GPTConfig(**SIZES[size])).to(device)
             step, optimizer = plain_loop(model, data, B, T, device, autocast, device.type == "cuda")
         base = min(base, timed(lambda: [step() for _ in range(steps)], sync)[0] / steps)
-    tokens, peak = B * T, train.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    tokens, peak = B * T, train.peak_flops(device)
     mfu = lambda s: (f", MFU {model.estimate_mfu(tokens / s, peak) * 100:.1f}%" if peak else ", MFU n/a") if on_gpu else ""
     add("training tokens/s", f"{tokens / ours:,.0f}{mfu(ours)} ({base / ours:.2f}x plain)",
         f"{tokens / base:,.0f}{mfu(base)} (plain loop)", "ours >= plain" + (" ok" if ours <= base * 1.02 else " MISSED"))
@@ -162,10 +149,10 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
 
     # 2. what a checkpoint stalls the loop: sync save, async save (the snapshot), a plain copy (the floor)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1, "meta": meta}
-    nbytes = sum(t.numel() * t.element_size() for t in distinct_tensors(state))
     buffers = {}
     checkpoint.snapshot(state, buffers)  # the first call allocates (pinned on a GPU) buffers that later saves reuse
-    floor, _ = timed(lambda: [t.to("cpu", copy=True) for t in distinct_tensors(state)], sync)
+    nbytes = sum(t.numel() * t.element_size() for t in buffers.values())  # each tensor once: tied weights are one
+    floor, _ = timed(lambda: checkpoint.snapshot(state), sync)  # new, unpinned memory: a plain copy
     sync_s, _ = timed(lambda: checkpoint.publish(out_dir, 1, checkpoint.snapshot(state, buffers), 0, 0, []), sync)
     async_s, snap = min((timed(lambda: checkpoint.snapshot(state, buffers), sync) for _ in range(repeats)), key=lambda r: r[0])
     add("stall per checkpoint", f"async {async_s * 1e3:,.0f} ms, sync {sync_s * 1e3:,.0f} ms",

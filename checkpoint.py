@@ -1,31 +1,29 @@
 """
-One checkpoint file per step, <out_dir>/ckpt_<step>.pt, holding the state after that many optimizer steps.
+One checkpoint file per step, <out_dir>/ckpt_<step>.pt: the state after that many optimizer steps.
 
-A file is an ordinary torch.save zip that loads with torch.load(path, weights_only=True). Its zip comment
-holds a sha256 tree digest of every byte before it (the sha256 of the sha256s of its 16 MiB chunks, which
-threads compute in parallel), so a truncated or bit-flipped file is always caught on load.
-Files are written under a temporary name, fsynced, and renamed: a file with a final name is complete.
+A file is what torch.save writes, a zip file whose records each carry a CRC32, and it loads with
+torch.load(path, weights_only=True). It is written under a temporary name, fsynced and renamed, so a file with
+a final name is complete. load() checks every record against its CRC32 first, so a file damaged later (cut short
+by a copy, a bit flipped on disk) is refused, never loaded.
 """
 import fcntl
-import hashlib
+import mmap
 import os
 import re
 import socket
-import struct
 import sys
 import time
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from torch.utils.serialization import config as torch_save_config
 
 CKPT_NAME = re.compile(r"ckpt_(\d{7,})\.pt")
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = "train.lock"
-# the zip comment: "sha256tree:" and 64 hex digits; the two bytes before it are the zip's comment length
-DIGEST_PREFIX = b"sha256tree:"
-HASH_CHUNK = 16 << 20  # part of the format: files written with another chunk size do not verify
-TRAILER_LEN = len(DIGEST_PREFIX) + 64
-EOCD_SIGNATURE = b"PK\x05\x06"  # a zip's end-of-central-directory record, 22 bytes before its comment
+_checkers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # zlib.crc32 releases the GIL
 
 
 class CheckpointError(Exception):
@@ -47,11 +45,11 @@ def list_steps(out_dir):
     return sorted(int(m.group(1)) for m in map(CKPT_NAME.fullmatch, os.listdir(out_dir)) if m)
 
 
-def snapshot(state, buffers):
-    """A host copy of state's tensors (in nested dicts and lists) for a save to write while training goes on
-    changing its own. The copies land in `buffers`, reused from the last call (pinned when the source is on a
-    GPU, so the copies run at full speed); tensors that share memory, as tied weights do, stay shared."""
-    copies, devices = {}, set()
+def snapshot(state, buffers=None):
+    """A host copy of state's tensors (in nested dicts and lists), for a save to write while training goes on
+    changing its own. With a dict of `buffers`, the copies land in the buffers of the last call (pinned when the
+    source is on a GPU, so they copy at full speed); None makes new, unpinned ones. Tied weights stay tied."""
+    pin, buffers, copies, devices = buffers is not None, {} if buffers is None else buffers, {}, set()
 
     def copy(obj, key):
         if isinstance(obj, torch.Tensor):
@@ -59,7 +57,7 @@ def snapshot(state, buffers):
             if source not in copies:
                 buf = buffers.get(key)
                 if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                    buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+                    buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=pin and obj.is_cuda)
                 copies[source] = buf.copy_(obj, non_blocking=True)
                 devices.add(obj.device.type)
             return copies[source]
@@ -77,85 +75,43 @@ def snapshot(state, buffers):
     return host
 
 
-# sha256 runs on these threads while the disk reads or writes (hashlib releases the GIL), one chunk a thread
-HASH_THREADS = min(8, os.cpu_count() or 1)
-_hashers = ThreadPoolExecutor(max_workers=HASH_THREADS)
-
-
-def tree_digest(chunk_digests):
-    return hashlib.sha256(b"".join(chunk_digests)).hexdigest().encode()
-
-
-class ChecksummedFile:
-    """What torch.save writes into: bytes go to the file while other threads hash them, each piece into the
-    sha256 of its 16 MiB chunk. The last 22 bytes, the zip's end record, are held back, so that finish() can
-    set its comment length before they are hashed."""
+class _Output:
+    """The temporary file, as torch.save writes into it: it stops when `abandon` is set, and has the kernel start
+    writing each large piece to disk at once, so the final fsync waits for little."""
 
     def __init__(self, f, abandon):
-        self.f, self.abandon, self.held, self.chunks, self.offset, self.error = f, abandon, b"", [], 0, None
+        self.f, self.abandon, self.written, self.error = f, abandon, 0, None
 
     def write(self, data):
         try:
             if self.abandon is not None and self.abandon.is_set():
                 raise Abandoned()
-            data = memoryview(data).cast("B")
-            if len(data) >= 22:
-                self._emit(self.held)
-                self._emit(data[:-22])
-                self.held = bytes(data[-22:])
-            else:
-                joined = self.held + bytes(data)
-                self._emit(joined[:-22])
-                self.held = joined[-22:]
-            return len(data)
-        except BaseException as e:  # torch's zip writer turns it into a RuntimeError: keep the cause for save()
+            n = self.f.write(data)
+            self.written += n
+            if n >= 1 << 20 and hasattr(os, "posix_fadvise"):
+                self.f.flush()
+                os.posix_fadvise(self.f.fileno(), self.written - n, n, os.POSIX_FADV_DONTNEED)
+            return n
+        except BaseException as e:  # torch's zip writer reports it as a RuntimeError: save() needs the cause
             self.error = e
             raise
 
-    def _emit(self, data):
-        hashing, pos = [], 0
-        while pos < len(data):  # a call gives each chunk at most one piece, so a chunk's pieces arrive in order
-            k = self.offset // HASH_CHUNK
-            if k == len(self.chunks):
-                self.chunks.append(hashlib.sha256())
-            piece = data[pos:pos + min(len(data) - pos, (k + 1) * HASH_CHUNK - self.offset)]
-            if len(piece) < (1 << 20):  # handing small pieces to a thread would cost more than hashing them
-                self.chunks[k].update(piece)
-            else:
-                hashing.append(_hashers.submit(self.chunks[k].update, piece))
-            pos += len(piece)
-            self.offset += len(piece)
-        try:
-            self.f.write(data)
-        finally:  # data may be freed once write returns: its hashing must be done by then
-            for h in hashing:
-                h.result()
-        if hashing and hasattr(os, "posix_fadvise"):
-            # start writing these pages to disk now, not all at the final fsync: the disk works while we hash
-            os.posix_fadvise(self.f.fileno(), self.offset - len(data), len(data), os.POSIX_FADV_DONTNEED)
-
     def flush(self):
-        pass
-
-    def finish(self):
-        end = bytearray(self.held)
-        assert end[:4] == EOCD_SIGNATURE and end[-2:] == b"\0\0", "torch.save wrote an unexpected zip ending"
-        end[-2:] = struct.pack("<H", TRAILER_LEN)
-        self._emit(bytes(end))
-        self.f.write(DIGEST_PREFIX + tree_digest(h.digest() for h in self.chunks))
+        self.f.flush()
 
 
 def save(out_dir, step, state, abandon=None):
     """Publish ckpt_<step>.pt atomically: temporary name, fsync, rename, fsync of the folder. Setting the
     threading.Event `abandon` stops a save in progress (Abandoned); whatever fails, no temporary file stays."""
+    if not torch_save_config.save.compute_crc32:  # on by default; off, every record would fail its check
+        raise CheckpointError("torch.utils.serialization.config.save.compute_crc32 is off: checkpoints need it")
     path = path_for(out_dir, step)
     tmp = path + TMP_SUFFIX
     out = None
     try:
         with open(tmp, "wb") as f:
-            out = ChecksummedFile(f, abandon)
+            out = _Output(f, abandon)
             torch.save(state, out)
-            out.finish()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -178,31 +134,6 @@ def publish(out_dir, step, state, keep_last, keep_every, protect, abandon=None):
     return save(out_dir, step, state, abandon), prune(out_dir, keep_last, keep_every, protect)
 
 
-def lock(out_dir):
-    """Hold out_dir for this run: an exclusive flock on out_dir/train.lock, which the kernel releases when the
-    process ends, kill -9 included. Returns the open file (close it to release); CheckpointError names the
-    holder when another process has it. A filesystem without locks gets a warning, not a refusal."""
-    try:
-        f = open(os.path.join(out_dir, LOCK_NAME), "a+")
-    except OSError as e:
-        raise CheckpointError(f"cannot open {e.filename}: {e.strerror}") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that is starting"
-        f.close()
-        raise CheckpointError(f"out_dir {out_dir} is in use by another run ({holder}); "
-                              f"wait for it to end, or pass another out_dir") from None
-    except OSError as e:
-        print(f"warning: cannot lock {f.name} ({e.strerror}): make sure no other run uses {out_dir}")
-        return f
-    f.truncate(0)
-    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    return f
-
-
 def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -212,34 +143,20 @@ def fsync_dir(path):
 
 
 def verify(path):
-    """What is wrong with the checkpoint file at path, or None when its digest proves it intact."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 22 + TRAILER_LEN:
-            return f"truncated ({size} bytes)"
-        tail = os.pread(f.fileno(), 22 + TRAILER_LEN, size - 22 - TRAILER_LEN)
-        if tail[:4] != EOCD_SIGNATURE or tail[20:22] != struct.pack("<H", TRAILER_LEN) \
-                or not tail[22:].startswith(DIGEST_PREFIX):
-            return "no checksum trailer: truncated, or not a checkpoint of this trainer"
-        # read chunk after chunk while earlier ones are hashed; a buffer is reused once its chunk's hash is done
-        body = size - TRAILER_LEN
-        buffers = [bytearray(min(HASH_CHUNK, body)) for _ in range(HASH_THREADS + 1)]
-        hashing = []
-        for i, offset in enumerate(range(0, body, HASH_CHUNK)):
-            if i >= len(buffers):
-                hashing[i - len(buffers)].result()
-            view = memoryview(buffers[i % len(buffers)])[:min(HASH_CHUNK, body - offset)]
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    return f"truncated while being read ({offset + got} bytes)"
-                got += n
-            hashing.append(_hashers.submit(lambda v: hashlib.sha256(v).digest(), view))
-        digest = tree_digest([h.result() for h in hashing])
-    if digest != tail[22 + len(DIGEST_PREFIX):]:
-        return "checksum mismatch: the file is damaged"
-    return None
+    """What is wrong with the checkpoint file at path, or None when each record's data matches its CRC32."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            records = z.infolist()
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
+        return f"not a whole zip file ({e}): truncated, or not a checkpoint"
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        def damaged(r):  # a record's data follows its local header, whose last fields say how long the header is
+            header = m[r.header_offset:r.header_offset + 30]
+            start = r.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+            with memoryview(m) as view, view[start:start + r.file_size] as data:
+                return header[:4] != b"PK\x03\x04" or len(data) != r.file_size or zlib.crc32(data) != r.CRC
+        bad = [r.filename for r, d in zip(records, _checkers.map(damaged, records)) if d]
+    return f"checksum mismatch in {bad[0]}: the file is damaged" if bad else None
 
 
 def load(path):
@@ -261,6 +178,14 @@ def load(path):
                 return state
             problem = f"it holds step {state.get('step') if isinstance(state, dict) else None!r}, not the step in its name"
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
+
+
+def require_step(out_dir, step):
+    """A CheckpointError that lists the steps there are, unless out_dir holds a checkpoint of `step`."""
+    steps = list_steps(out_dir)
+    if step not in steps:
+        have = ", ".join(map(str, steps)) or "none"
+        raise CheckpointError(f"no checkpoint for step {step} in {out_dir} (steps available: {have})")
 
 
 def find(out_dir, requested, warn=print):
@@ -285,17 +210,9 @@ def find(out_dir, requested, warn=print):
     return 0, None
 
 
-def require_step(out_dir, step):
-    """A CheckpointError that lists the steps there are, unless out_dir holds a checkpoint of `step`."""
-    steps = list_steps(out_dir)
-    if step not in steps:
-        have = ", ".join(map(str, steps)) or "none"
-        raise CheckpointError(f"no checkpoint for step {step} in {out_dir} (steps available: {have})")
-
-
 def find_to_read(out_dir, requested, reader):
-    """(step, state) for a script that only reads a run (sample.py, export.py): requested=-1 is the newest good
-    checkpoint, N exactly step N. `reader` says what the script does with it ("sample from"), for the error."""
+    """find for a script that only reads a run (sample.py, export.py): -1 is the newest good checkpoint, N exactly
+    step N; `reader` says what the script does with it ("sample from"), for the error when there is none."""
     if requested < -1 or requested == 0:
         raise CheckpointError(f"from_checkpoint_step must be -1 (newest) or a step, got {requested}")
     step, state = find(out_dir, requested, warn=lambda message: print(message, file=sys.stderr))
@@ -344,35 +261,54 @@ def remove_temporaries(out_dir):
             os.remove(os.path.join(out_dir, name))
 
 
+def lock(out_dir):
+    """Hold out_dir for this run: an exclusive flock on out_dir/train.lock, which the kernel releases when the
+    process ends, kill -9 included. Returns the open file (close it to release); CheckpointError names the
+    holder when another process has it. A filesystem without locks gets a warning, not a refusal."""
+    try:
+        f = open(os.path.join(out_dir, LOCK_NAME), "a+")
+    except OSError as e:
+        raise CheckpointError(f"cannot open {e.filename}: {e.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that is starting"
+        f.close()
+        raise CheckpointError(f"out_dir {out_dir} is in use by another run ({holder}); "
+                              f"wait for it to end, or pass another out_dir") from None
+    except OSError as e:
+        print(f"warning: cannot lock {f.name} ({e.strerror}): make sure no other run uses {out_dir}")
+        return f
+    f.truncate(0)
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
 def describe(out_dir):
-    """One row per checkpoint: step, when written, train/val loss at that step, size, and whether it verifies."""
-    rows, origin = [("step", "written", "train loss", "val loss", "size", "status")], None
+    """One line per checkpoint: step, when written, train/val loss at that step, size, and whether it verifies."""
+    lines = [f"{'step':>7}  {'written':19}  {'train loss':>10}  {'val loss':>8}  {'size':>10}  status"]
+    origin, names = "scratch", sorted(os.listdir(out_dir))
     for step in list_steps(out_dir):
         path = path_for(out_dir, step)
         try:  # a live run may prune this file while we look
-            written, size = time.localtime(os.path.getmtime(path)), os.path.getsize(path)
+            written, size = os.path.getmtime(path), os.path.getsize(path)
+            state = load(path)
+            written, losses, status = state["written_at"], (state["train_loss"], state["val_loss"]), "ok"
+            origin = state.get("origin", origin)
         except FileNotFoundError:
             continue
-        train_loss, val_loss, status = None, None, "ok"
-        try:
-            state = load(path)
-            written = time.localtime(state["written_at"])
-            train_loss, val_loss, origin = state.get("train_loss"), state.get("val_loss"), state.get("origin", origin)
         except CheckpointError as e:
-            status = str(e).split(": ", 1)[-1]
-        rows.append((str(step), time.strftime("%Y-%m-%d %H:%M:%S", written),
-                     "-" if train_loss is None else f"{train_loss:.4f}", "-" if val_loss is None else f"{val_loss:.4f}",
-                     f"{size / 1e6:.1f} MB", status))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
-    leftovers = sorted(n for n in os.listdir(out_dir) if n.endswith(TMP_SUFFIX))
-    aside = sorted(n for n in os.listdir(out_dir) if n.startswith("abandoned-"))
-    if origin not in (None, "scratch"):
-        lines.append(f"started from: {origin}")
-    if leftovers:
-        lines.append(f"incomplete writes (ignored, removed at the next start): {', '.join(leftovers)}")
-    if aside:
-        lines.append(f"set aside by rewinds: {', '.join(aside)}")
+            losses, status = (None, None), str(e).split(": ", 1)[-1]
+        train, val = ("-" if loss is None else f"{loss:.4f}" for loss in losses)
+        lines.append(f"{step:>7}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))}  {train:>10}  {val:>8}  "
+                     f"{size / 1e6:>7.1f} MB  {status}")
+    for note, found in (("started from", [] if origin == "scratch" else [origin]),
+                        ("incomplete writes (ignored, removed at the next start)", [n for n in names if n.endswith(TMP_SUFFIX)]),
+                        ("set aside by rewinds", [n for n in names if n.startswith("abandoned-")])):
+        if found:
+            lines.append(f"{note}: {', '.join(found)}")
     return "\n".join(lines)
 
 

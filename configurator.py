@@ -12,6 +12,7 @@ is fine where a float is expected); a key whose default is None takes any litera
 """
 import ast
 import difflib
+import os
 import re
 import sys
 import types
@@ -21,14 +22,23 @@ class ConfigError(Exception):
     """Bad input. The scripts print it as one line on stderr and exit with code 2, having written nothing."""
 
 
-def run_main(main, errors=()):
+def run_main(main, errors=(), interrupted=None):
     """A script's entry point: main(argv), with ConfigError and the given error classes (bad input, all) printed
-    as one line on stderr and exit code 2."""
+    as one line on stderr and exit code 2; with `interrupted`, Ctrl-C prints it and exits 130. Under torchrun,
+    rank 0 alone prints: the other ranks would say the same."""
+    speak = int(os.environ.get("RANK", 0)) == 0
     try:
         main(sys.argv[1:])
     except (ConfigError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if speak:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        if speak:
+            print(interrupted, file=sys.stderr)
+        sys.exit(130)
 
 
 def parse(spec, argv):

@@ -11,8 +11,9 @@ in the global batch), so resuming needs no data-loader or RNG state, and 1 or N 
 """
 import difflib
 import fcntl
+import functools
 import hashlib
-import importlib
+import importlib.util
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-from configurator import ConfigError, parse
+from configurator import ConfigError, parse, run_main
 from export import GPT2_HUB_NAMES, load_hf_gpt2
 from model import GPT, GPTConfig
 
@@ -83,6 +84,7 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # a resumed model takes these from its checkpoint
 RUN_KEYS = ("out_dir", "from_checkpoint_step", "init_from", "eval_only")  # this command's alone: a resume takes every other key from the checkpoint
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+RERUN = {False: "the same command", True: "it without --from_checkpoint_step, which would rewind again,"}  # by: rewound?
 TRAIN_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2  # keep the three uses of the seed independent
 TOKEN_DTYPES = ("uint16", "uint32")  # what meta.json's "dtype" may say; uint16 when it says nothing
 # dense bf16 (or fp16) peak FLOP/s by the words of torch.cuda.get_device_name, for MFU; the first match wins
@@ -205,9 +207,12 @@ def setup_runtime(device, dtype, deterministic=False, local_rank=None):
     return device, dtype, nullcontext() if ptdtype == torch.float32 else torch.autocast(device.type, dtype=ptdtype)
 
 
-def peak_flops(device_name):
-    """The GPU's dense bf16 peak from PEAK_FLOPS, or None (MFU prints n/a) for a CPU or a GPU not in the table."""
-    words = set(device_name.replace("-", " ").split())
+def peak_flops(device, name=None):
+    """The GPU's dense bf16 peak from PEAK_FLOPS by its name (CUDA's, unless given), or None (MFU prints n/a) for
+    a CPU or a GPU not in the table."""
+    if device.type != "cuda":
+        return None
+    words = set((torch.cuda.get_device_name(device) if name is None else name).replace("-", " ").split())
     return next((flops for key, flops in PEAK_FLOPS if words.issuperset(key)), None)
 
 
@@ -215,12 +220,12 @@ def dataset_dir(name):
     return name if os.sep in name or name.startswith(".") else os.path.join(DATA_DIR, name)
 
 
-def load_dataset(name, block_size, known=None):
+def load_dataset(name, block_size, trained_on=None):
     """Prepare the dataset if it is not yet (one process at a time: torchrun's ranks queue on a lock, and the
     first prepares), check all that training relies on, and return (meta, train, val, fingerprint). The
     fingerprint (vocabulary, token dtype, sizes, a hash of meta.json and of 32 spread 64 KiB blocks per file)
-    identifies the data cheaply, even for 17 GB files; data with the fingerprint `known` (a resume's, checked
-    when the run began) skips the scan of every token id."""
+    identifies the data cheaply, even for 17 GB files. trained_on, a resume's (step, fingerprint): other data
+    is refused, and the same data skips the scan of every token id, done when the run began."""
     folder = dataset_dir(name)
     paths = [os.path.join(folder, f) for f in ("train.bin", "val.bin", "meta.json")]
     prepare = os.path.join(folder, "prepare.py")
@@ -265,6 +270,11 @@ def load_dataset(name, block_size, known=None):
         arrays.append(data)
     fingerprint = {"vocab_size": meta["vocab_size"], "dtype": str(dtype), "train.bin bytes": os.path.getsize(paths[0]),
                    "val.bin bytes": os.path.getsize(paths[1]), "sampled sha256": digest.hexdigest()}
+    step, known = trained_on or (None, None)
+    if known is not None and known != fingerprint:
+        changes = [f"{k} {known.get(k)} -> {v}" for k, v in fingerprint.items() if known.get(k) != v]
+        raise ConfigError(f"dataset {name} is not the data step {step} was trained on ({'; '.join(changes)}); "
+                          f"to train these weights on other data, start a new run")
     if fingerprint != known:  # every id once, so that no batch indexes past the embedding mid-run
         for path, data in zip(paths, arrays):
             top = max(int(data[i:i + (1 << 26)].max()) for i in range(0, len(data), 1 << 26))
@@ -280,11 +290,13 @@ def batch_starts(seed, stream, step, rows, n_tokens, block_size):
     return np.random.default_rng([seed, stream, step]).integers(0, n_tokens - block_size, size=rows)
 
 
-def get_batch(data, starts, block_size):
-    """x, y: (len(starts), block_size) int64 token ids; y is x shifted by one."""
+def get_batch(data, starts, block_size, device):
+    """x, y: (len(starts), block_size) int64 token ids on device; y is x shifted by one."""
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in starts]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
-    return x, y
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
 
 
 def micro_seed(seed, step, micro_step):
@@ -304,28 +316,40 @@ def get_lr(step, cfg):
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def init_weights(source):
-    """(model_args, model state, a description, the vocabulary) of a fresh start's weights: GPT-2's released ones
-    (a hub name or a Hugging Face folder) or another run's checkpoint (a file, or an out_dir with an optional :step)."""
+def init_weights(cfg, given):
+    """A fresh start's weights, init_from: GPT-2's released ones (a hub name or a Hugging Face folder) or another
+    run's checkpoint (a file, or an out_dir with an optional :step). The model takes their shape where this command
+    does not set it (a smaller block_size crops the position table). Returns a dict: model_args, weights, origin
+    (a description) and vocab."""
+    source = cfg["init_from"]
     if source in GPT2_HUB_NAMES or os.path.isfile(os.path.join(source, "config.json")):
         try:
             model_args, weights = load_hf_gpt2(source)
         except (ValueError, OSError, ImportError) as e:
             raise ConfigError(f"init_from={source}: {e}") from None
-        return model_args, weights, f"Hugging Face GPT-2 {source}", {"tokenizer": "gpt2"}
-    folder, colon, step = source.rpartition(":")
-    if not (colon and step.isdigit()):
-        folder, step = source, "-1"
-    if os.path.isfile(source):
-        state = checkpoint.load(source)
-    elif os.path.isdir(folder):
-        state = checkpoint.find(folder, int(step), warn=print)[1]
-        if state is None:
-            raise ConfigError(f"init_from={source}: no checkpoint in {folder}")
+        init = {"model_args": model_args, "weights": weights, "origin": f"Hugging Face GPT-2 {source}", "vocab": {"tokenizer": "gpt2"}}
     else:
-        raise ConfigError(f"init_from={source}: not scratch, {', '.join(GPT2_HUB_NAMES)}, a Hugging Face GPT-2 folder, "
-                          f"or a checkpoint file or out_dir")
-    return state["model_args"], state["model"], f"{source} (step {state['step']})", state["meta"]
+        folder, colon, step = source.rpartition(":")
+        if not (colon and step.isdigit()):
+            folder, step = source, "-1"
+        if os.path.isfile(source):
+            state = checkpoint.load(source)
+        elif os.path.isdir(folder):
+            state = checkpoint.find(folder, int(step), warn=print)[1]
+            if state is None:
+                raise ConfigError(f"init_from={source}: no checkpoint in {folder}")
+        else:
+            raise ConfigError(f"init_from={source}: not scratch, {', '.join(GPT2_HUB_NAMES)}, a Hugging Face GPT-2 "
+                              f"folder, or a checkpoint file or out_dir")
+        init = {"model_args": state["model_args"], "weights": state["model"], "origin": f"{source} (step {state['step']})",
+                "vocab": state["meta"]}
+    for key in SHAPE_KEYS:
+        theirs = init["model_args"][key]
+        if key in given and cfg[key] != theirs and not (key == "block_size" and cfg[key] < theirs):
+            raise ConfigError(f"{key}={cfg[key]!r} contradicts init_from's model, which has {key}={theirs!r}")
+        if key not in given:
+            cfg[key] = theirs
+    return init
 
 
 def metrics_path(folder):
@@ -355,32 +379,171 @@ def trim_metrics(out_dir, step, abandoned):
             os.replace(metrics_path(folder) + ".tmp", metrics_path(folder))
 
 
-def resolve_start(cfg, ddp, master):
-    """Rank 0 locks out_dir (one run per folder; eval_only reads and needs no lock) and picks the checkpoint to
-    resume; it tells the other ranks, so every rank resumes the same step. Returns (step, state or None, lock)."""
-    choice, state, lock = [0, None], None, None  # (step, error message)
+def resolve_start(cfg, ddp, master, cleanup):
+    """Rank 0 locks out_dir (one run per folder; eval_only only reads) and picks the checkpoint to resume; it tells
+    the other ranks, so every rank resumes the same step. Returns (step, state or None, whether out_dir is locked)."""
+    choice, state, locked = [0, None], None, False  # (step, error message)
     if master:
         try:
             requested = cfg["from_checkpoint_step"]
             if requested > 0:  # said before the folder is touched
                 checkpoint.require_step(cfg["out_dir"], requested)
             if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # else the folder is locked when writing starts
-                lock = checkpoint.lock(cfg["out_dir"])
+                locked = bool(cleanup.enter_context(checkpoint.lock(cfg["out_dir"])))
             choice[0], state = checkpoint.find(cfg["out_dir"], requested, warn=print)
         except checkpoint.CheckpointError as e:
             choice[1] = str(e)
     if ddp:
         dist.broadcast_object_list(choice, src=0)
     if choice[1]:
-        if lock:
-            lock.close()
         raise checkpoint.CheckpointError(choice[1])
     if choice[0] and state is None:
         state = checkpoint.load(checkpoint.path_for(cfg["out_dir"], choice[0]))
-    return choice[0], state, lock
+    return choice[0], state, locked
+
+
+def continue_run(cfg, given, state):
+    """A resume continues the same run: every key but RUN_KEYS comes from the checkpoint's config unless this
+    command sets it, and the model has the checkpoint's shape. Updates cfg; returns what the command changed."""
+    changed = [f"{k}: {state['config'].get(k)!r} -> {cfg[k]!r}" for k in sorted(given - set(RUN_KEYS))
+               if k in state["config"] and state["config"][k] != cfg[k]]
+    cfg |= {k: v for k, v in state["config"].items() if k in cfg and k not in given and k not in RUN_KEYS}
+    for key in SHAPE_KEYS:
+        if key in given and cfg[key] != state["model_args"][key]:
+            raise ConfigError(f"{key}={cfg[key]!r} contradicts checkpoint step {state['step']}, "
+                              f"whose model has {key}={state['model_args'][key]!r}")
+        cfg[key] = state["model_args"][key]
+    return changed
+
+
+def open_out_dir(cfg, step, locked, cleanup):
+    """Rank 0, once every check has passed: lock a new out_dir, delete what a crash left, set aside the checkpoints
+    of an abandoned timeline (a rewind) and trim metrics.jsonl to this one. Returns (the abandoned folder or None,
+    metrics.jsonl opened to append)."""
+    out_dir = cfg["out_dir"]
+    try:
+        if not locked:  # a new out_dir: lock it, and make sure no other run got there first
+            os.makedirs(out_dir, exist_ok=True)
+            cleanup.enter_context(checkpoint.lock(out_dir))
+            if checkpoint.list_steps(out_dir):
+                raise checkpoint.CheckpointError(f"out_dir {out_dir} got checkpoints from another run meanwhile")
+        checkpoint.remove_temporaries(out_dir)
+        abandoned = checkpoint.set_aside_newer(out_dir, step)
+        trim_metrics(out_dir, step, abandoned)
+        return abandoned, cleanup.enter_context(open(metrics_path(out_dir), "a"))
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
+
+
+def start_wandb(cfg, run_id, abandoned, log):
+    """One wandb run per timeline: a resume continues the checkpoint's run; a fresh start or a rewind starts one."""
+    import wandb
+    if abandoned and run_id:
+        log(f"wandb: run {run_id} keeps the abandoned steps; this timeline continues in a new run")
+    try:
+        return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], resume="allow", config=cfg,
+                          id=run_id if run_id and not abandoned else uuid.uuid4().hex[:8])
+    except Exception as e:  # not logged in, no network: wandb has many kinds of error
+        raise ConfigError(f"wandb_log=True, but wandb cannot start: {type(e).__name__}: {' '.join(str(e).split())}; "
+                          f"try WANDB_MODE=offline") from None
+
+
+def record(metrics, wandb_run, step, **fields):
+    """A line of metrics.jsonl (rank 0 only: the others have no file), and a wandb log when it is on. wandb drops
+    steps it has seen, so the steps a crash lost and this run computes again are not logged twice."""
+    if metrics is not None:
+        metrics.write(json.dumps({"step": step, "time": time.time(), **fields}) + "\n")
+        metrics.flush()
+    if wandb_run is not None and "event" not in fields:
+        wandb_run.log(fields, step=step)
+
+
+def catch_stop_signals(cleanup):
+    """SIGTERM and SIGUSR1 (what schedulers and spot instances send before taking the machine) and Ctrl-C ask the
+    loop to save its step and end; returns the list of (signal, time) they add to. A second Ctrl-C stops at once; it
+    must come a second after the first, since torchrun passes each Ctrl-C on to workers the terminal sent it to."""
+    received = []
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and any(s == signum and time.time() - t > 1.0 for s, t in received):
+            raise KeyboardInterrupt
+        received.append((signum, time.time()))
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    cleanup.callback(lambda: [signal.signal(sig, handler) for sig, handler in previous.items()])
+    return received
+
+
+def save_checkpoint(saver, *, state, buffers, cfg, protect, abandon):
+    """Copy state to host memory (all the loop waits for), then write it and prune on the saver thread. Returns
+    the future of (path, pruned steps); setting `abandon` stops the write and leaves no file."""
+    return saver.submit(checkpoint.publish, out_dir=cfg["out_dir"], step=state["step"],
+                        state=checkpoint.snapshot(state, buffers), keep_last=cfg["keep_last_checkpoints"],
+                        keep_every=cfg["keep_every"], protect=protect, abandon=abandon)
+
+
+def finish_saves(in_flight, log):
+    """Wait for the saves in flight (one at most) and say what they did; a failed save raises and stops the run."""
+    while in_flight:
+        path, pruned = in_flight.pop().result()
+        log(f"saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
+
+
+def wait_for_saver(saver, abandon, kind, error, traceback):
+    """What ends the run (an ExitStack exit) waits for the save in flight; Ctrl-C, then or meanwhile, abandons it."""
+    try:
+        if kind is KeyboardInterrupt:
+            abandon.set()
+        saver.shutdown()
+    except KeyboardInterrupt:
+        abandon.set()
+        saver.shutdown()
+        raise
+
+
+def build_model(cfg, model_args, device, dtype, init, state):
+    """The model, its AdamW optimizer and float16's loss scaler: fresh from the seed, from init_from's weights
+    (built in their shape, then cropped to block_size), or as the checkpoint's state left them."""
+    torch.manual_seed(cfg["seed"])
+    if init:
+        model = GPT(GPTConfig(**init["model_args"] | {"dropout": cfg["dropout"]}))
+        model.load_state_dict(init["weights"])
+        model.crop_block_size(cfg["block_size"])
+    else:
+        model = GPT(GPTConfig(**model_args))
+    model.to(device)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the loaded groups carry the checkpoint's values: the config's win
+            group["betas"] = (cfg["beta1"], cfg["beta2"])
+        optimizer.param_groups[0]["weight_decay"] = cfg["weight_decay"]  # group 0 decays, group 1 never does
+        if scaler.is_enabled() and state["scaler"]:  # a run that switches to float16 starts a new loss scale
+            scaler.load_state_dict(state["scaler"])
+    return model, optimizer, scaler
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, cfg, device, autocast):
+    """Mean loss of each split over the same eval_iters batches every time; eval mode: no dropout, no RNG used."""
+    model.eval()
+    out = {}
+    for split, data in splits.items():
+        losses = torch.zeros(cfg["eval_iters"])
+        for k in range(cfg["eval_iters"]):
+            starts = batch_starts(cfg["seed"], EVAL_STREAM, k, cfg["batch_size"], len(data), cfg["block_size"])
+            with autocast:
+                _, loss = model(*get_batch(data, starts, cfg["block_size"], device))
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
 
 
 def main(argv):
+    # ---- set-up: the config, the checkpoint to continue, the data, the model ----
     cfg, given = parse(CONFIG, argv)
     ddp = "RANK" in os.environ
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
@@ -391,84 +554,40 @@ def main(argv):
         if ddp:  # gloo carries the few control messages on any device; CUDA gradients get an NCCL group below
             dist.init_process_group(backend="gloo")
             cleanup.callback(dist.destroy_process_group)
-
-        # the checkpoint to resume, chosen by rank 0. A resume continues the same run: every key comes from the
-        # checkpoint's config unless this command sets it, and the model's shape must match the checkpoint's
-        start_step, state, lock = resolve_start(cfg, ddp, master)
-        if lock:
-            cleanup.callback(lock.close)
+        start_step, state, locked = resolve_start(cfg, ddp, master, cleanup)
         if state is not None:
-            changed = [f"{k}: {state['config'].get(k)!r} -> {cfg[k]!r}" for k in sorted(given - set(RUN_KEYS))
-                       if k in state["config"] and state["config"][k] != cfg[k]]
-            cfg |= {k: v for k, v in state["config"].items() if k in cfg and k not in given and k not in RUN_KEYS}
-            for key in SHAPE_KEYS:
-                if key in given and cfg[key] != state["model_args"][key]:
-                    raise ConfigError(f"{key}={cfg[key]!r} contradicts checkpoint step {start_step}, "
-                                      f"whose model has {key}={state['model_args'][key]!r}")
-                cfg[key] = state["model_args"][key]
+            changed = continue_run(cfg, given, state)
             log(f"resuming from step {start_step}" + (f"; changed by this command: {'; '.join(changed)}" if changed else ""))
+            if "init_from" in given:
+                log(f"init_from applies to a fresh start only: this run resumes its own step {start_step}")
         else:
             log("starting fresh" + (f": no checkpoint in {cfg['out_dir']}" if cfg["from_checkpoint_step"] == -1 else ""))
         check_config(cfg, world_size, local_rank if ddp else None)
-        # a fresh start from other weights takes their shape; a smaller block_size crops the position table
-        weights, origin = None, state.get("origin", "scratch") if state is not None else "scratch"
-        if state is None and cfg["init_from"] not in ("scratch", "resume"):
-            source_args, weights, origin, source_vocab = init_weights(cfg["init_from"])
-            for key in SHAPE_KEYS:
-                if key in given and cfg[key] != source_args[key] and not (key == "block_size" and cfg[key] < source_args[key]):
-                    raise ConfigError(f"{key}={cfg[key]!r} contradicts init_from's model, which has {key}={source_args[key]!r}")
-                if key not in given:
-                    cfg[key] = source_args[key]
-        elif state is not None and "init_from" in given:
-            log(f"init_from applies to a fresh start only: this run resumes its own step {start_step}")
+        init = init_weights(cfg, given) if state is None and cfg["init_from"] not in ("scratch", "resume") else None
         meta, train_data, val_data, data_id = load_dataset(cfg["dataset"], cfg["block_size"],
-                                                           state.get("data") if state is not None else None)
-        if state is not None and state.get("data", data_id) != data_id:
-            changes = [f"{k} {state['data'].get(k)} -> {v}" for k, v in data_id.items() if state["data"].get(k) != v]
-            raise ConfigError(f"dataset {cfg['dataset']} is not the data step {start_step} was trained on "
-                              f"({'; '.join(changes)}); to train these weights on other data, start a new run")
+                                                           trained_on=state and (state["step"], state.get("data")))
         vocab_size = cfg["vocab_size"] or meta["vocab_size"]
         if vocab_size < meta["vocab_size"]:
-            whose = " (init_from's model)" if weights is not None else ""
+            whose = " (init_from's model)" if init else ""
             raise ConfigError(f"vocab_size={vocab_size}{whose} is smaller than dataset {cfg['dataset']}'s {meta['vocab_size']}")
-        if weights is not None and [source_vocab.get(k) for k in ("chars", "tokenizer")] != [meta.get(k) for k in ("chars", "tokenizer")]:
+        if init and [init["vocab"].get(k) for k in ("chars", "tokenizer")] != [meta.get(k) for k in ("chars", "tokenizer")]:
             log(f"warning: dataset {cfg['dataset']}'s vocabulary is not init_from's: the weights will read its token ids "
                 f"as other characters or words")
-        if cfg["wandb_log"] and master:
-            try:
-                import wandb
-            except ImportError:
-                raise ConfigError("wandb_log=True needs wandb: pip install wandb") from None
-        if cfg["backend"] != "auto":  # nanoGPT's key that means nothing here says so
-            log(f"backend={cfg['backend']} (nanoGPT's key) changes nothing here: gradients go over NCCL on CUDA, "
-                f"gloo otherwise")
+        if cfg["wandb_log"] and master and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("wandb_log=True needs wandb: pip install wandb")
+        if cfg["backend"] != "auto":  # nanoGPT's key, which means nothing here, says so
+            log(f"backend={cfg['backend']} (nanoGPT's key) changes nothing here: gradients go over NCCL on CUDA, gloo otherwise")
         device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"], cfg["deterministic"], local_rank if ddp else None)
 
-        torch.manual_seed(cfg["seed"])
         model_args = {k: cfg[k] for k in SHAPE_KEYS} | {"vocab_size": vocab_size, "dropout": cfg["dropout"]}
-        if weights is not None:  # built in the source's shape, then cropped to block_size
-            raw_model = GPT(GPTConfig(**source_args | {"dropout": cfg["dropout"]}))
-            raw_model.load_state_dict(weights)
-            raw_model.crop_block_size(cfg["block_size"])
-            log(f"starting from the weights of {origin}")
-            weights = None
-        else:
-            raw_model = GPT(GPTConfig(**model_args))
-        raw_model.to(device)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-        optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]), device.type)
-        best_val_loss, tokens_seen, best_saved, wandb_id = float("inf"), 0, None, None
-        if state is not None:
-            raw_model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            for group in optimizer.param_groups:  # the loaded groups carry the checkpoint's values: the config's win
-                group["betas"] = (cfg["beta1"], cfg["beta2"])
-            optimizer.param_groups[0]["weight_decay"] = cfg["weight_decay"]  # group 0 decays, group 1 never does
-            if scaler.is_enabled() and state["scaler"]:  # a run that switches to float16 starts a new loss scale
-                scaler.load_state_dict(state["scaler"])
-            best_val_loss, tokens_seen = state["best_val_loss"], state["tokens_seen"]
-            best_saved, wandb_id = state.get("best_checkpoint"), state.get("wandb_run_id")
-        state = None  # free the host copy
+        raw_model, optimizer, scaler = build_model(cfg, model_args, device, dtype, init, state)
+        if init:
+            log(f"starting from the weights of {init['origin']}")
+        resumed = state or {}  # what else a run carries on from its checkpoint
+        best_val_loss, tokens_seen = resumed.get("best_val_loss", float("inf")), resumed.get("tokens_seen", 0)
+        best_saved, wandb_id = resumed.get("best_checkpoint"), resumed.get("wandb_run_id")
+        origin = resumed.get("origin") or (init["origin"] if init else "scratch")
+        state = init = resumed = None  # free the host copies
         use_compile = device.type == "cuda" if cfg["compile"] is None else cfg["compile"]
         fast_model = torch.compile(raw_model) if use_compile else raw_model
         if ddp:
@@ -476,143 +595,58 @@ def main(argv):
             model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None, process_group=grads)
         else:
             model = fast_model
-
-        B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
-        local_accum = accum // world_size
-        tokens_per_step = accum * B * T
-        flops_peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-
-        def to_device(x, y):
-            if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-                return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-            return x.to(device), y.to(device)
-
-        def batch(step, micro):
-            """This rank's micro-batch `micro` of the global batch of `step`."""
-            starts = batch_starts(cfg["seed"], TRAIN_STREAM, step, accum * B, len(train_data), T)
-            first = (rank * local_accum + micro) * B
-            return to_device(*get_batch(train_data, starts[first:first + B], T))
-
-        @torch.no_grad()
-        def estimate_loss():
-            """Mean loss over the same eval_iters batches every time; eval mode, so no dropout and no RNG used."""
-            fast_model.eval()
-            out = {}
-            for split, data in (("train", train_data), ("val", val_data)):
-                losses = torch.zeros(cfg["eval_iters"])
-                for k in range(cfg["eval_iters"]):
-                    starts = batch_starts(cfg["seed"], EVAL_STREAM, k, B, len(data), T)
-                    x, y = to_device(*get_batch(data, starts, T))
-                    with autocast:
-                        _, loss = fast_model(x, y)
-                    losses[k] = loss.item()
-                out[split] = losses.mean().item()
-            fast_model.train()
-            return out
+        splits = {"train": train_data, "val": val_data}
 
         if cfg["eval_only"]:
-            losses = estimate_loss()
+            losses = estimate_loss(fast_model, splits, cfg, device, autocast)
             log(f"step {start_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (eval_only: nothing written)")
             return
         if start_step >= cfg["max_iters"]:
-            log(f"nothing to train: step {start_step} has reached max_iters={cfg['max_iters']}; "
-                f"raise --max_iters to train further")
+            log(f"nothing to train: step {start_step} has reached max_iters={cfg['max_iters']}; raise --max_iters to train further")
             return
         log("config:\n" + "\n".join(f"  {k} = {v!r}" for k, v in cfg.items()) + f"\n  (device {device}, dtype {dtype})")
         if device.type == "cpu" and dtype != "float32":
             log(f"note: dtype={dtype} on a CPU runs under autocast, often several times slower than float32")
 
         # every check has passed: only now is anything written
+        metrics = wandb_run = None
         if master:
-            try:
-                if lock is None:  # a new out_dir: lock it, and make sure no other run got there first
-                    os.makedirs(cfg["out_dir"], exist_ok=True)
-                    lock = checkpoint.lock(cfg["out_dir"])
-                    cleanup.callback(lock.close)
-                    if checkpoint.list_steps(cfg["out_dir"]):
-                        raise checkpoint.CheckpointError(f"out_dir {cfg['out_dir']} got checkpoints from another run meanwhile")
-                checkpoint.remove_temporaries(cfg["out_dir"])
-                abandoned = checkpoint.set_aside_newer(cfg["out_dir"], start_step)
-                trim_metrics(cfg["out_dir"], start_step, abandoned)
-                metrics = open(metrics_path(cfg["out_dir"]), "a")
-                cleanup.callback(metrics.close)
-            except OSError as e:
-                raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
+            abandoned, metrics = open_out_dir(cfg, start_step, locked, cleanup)
             if abandoned:
                 log(f"rewinding to step {start_step}: moved the newer checkpoints into {abandoned}")
-            if cfg["wandb_log"]:  # one wandb run per timeline: a resume continues it, a rewind starts another
-                if abandoned and wandb_id:
-                    log(f"wandb: run {wandb_id} keeps the abandoned steps; this timeline continues in a new run")
-                wandb_id = wandb_id if wandb_id and not abandoned else uuid.uuid4().hex[:8]
-                try:
-                    wandb_run = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], id=wandb_id,
-                                           resume="allow", config=cfg)
-                except Exception as e:  # not logged in, no network: wandb has many kinds of error
-                    raise ConfigError(f"wandb_log=True, but wandb cannot start: {type(e).__name__}: "
-                                      f"{' '.join(str(e).split())}; try WANDB_MODE=offline") from None
+            if cfg["wandb_log"]:
+                wandb_run = start_wandb(cfg, wandb_id, abandoned, log)
+                wandb_id = wandb_run.id
                 cleanup.callback(wandb_run.finish)
+        stop_signals = catch_stop_signals(cleanup)
+        # checkpoints: the loop waits for a host copy, and this thread writes it (async_checkpoint=False: the loop
+        # waits for that too). Whatever ends the run waits for the last save, unless Ctrl-C abandons it
+        saver, abandon, in_flight, snapshot_buffers = ThreadPoolExecutor(max_workers=1), threading.Event(), [], {}
+        cleanup.push(functools.partial(wait_for_saver, saver, abandon))
 
-        def record(**fields):
-            """A line of metrics.jsonl, and a wandb log when it is on (rank 0 only). wandb drops steps it has
-            seen, so the steps a crash lost and this run computes again are not logged twice."""
-            if master:
-                metrics.write(json.dumps({"step": step, "time": time.time(), **fields}) + "\n")
-                metrics.flush()
-                if cfg["wandb_log"] and "event" not in fields:
-                    wandb_run.log(fields, step=step)
-
-        # SIGTERM and SIGUSR1 (what schedulers and spot instances send before taking the machine) and Ctrl-C finish
-        # the current step, save it, and exit cleanly. A second Ctrl-C stops at once; it must come a second after
-        # the first, since torchrun passes each Ctrl-C on to workers that the terminal already sent it to
-        stop_signals = []  # (signal, time)
-
-        def on_signal(signum, frame):
-            if signum == signal.SIGINT and any(s == signum and time.time() - t > 1.0 for s, t in stop_signals):
-                raise KeyboardInterrupt
-            stop_signals.append((signum, time.time()))
-
-        default_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-        cleanup.callback(lambda: [signal.signal(sig, h) for sig, h in default_handlers.items()])
+        # ---- the loop ----
+        B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
+        local_accum = accum // world_size  # this rank's micro-steps: the ranks split the global batch
+        tokens_per_step = accum * B * T
+        flops_peak = peak_flops(device)
         stop_flag = torch.zeros(1, dtype=torch.int32)
 
-        # checkpoints: the loop waits for a host snapshot; with async_checkpoint, a thread writes it out. At most one
-        # save is in flight; whatever ends the run waits for it, but a second Ctrl-C abandons it (no file is left)
-        saver = ThreadPoolExecutor(max_workers=1) if cfg["async_checkpoint"] and master else None
-        abandon = threading.Event()  # set: the write in flight stops and removes its temporary file
-
-        def wait_for_saver(kind, error, traceback):
-            """Whatever ends the run waits for the save in flight; Ctrl-C, now or while waiting, abandons it."""
-            try:
-                if kind is KeyboardInterrupt:
-                    abandon.set()
-                saver.shutdown()
-            except KeyboardInterrupt:
-                abandon.set()
-                saver.shutdown()
-                raise
-
-        if saver:
-            cleanup.push(wait_for_saver)
-        in_flight, snapshot_buffers = [], {}
-
-        def report_save(path, pruned):
-            log(f"saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
-
-        def finish_save():
-            """Wait for the save in flight, if any; a failed save raises here and stops the run."""
-            while in_flight:
-                report_save(*in_flight.pop().result())
+        def batch(step, micro):
+            """This rank's micro-batch `micro` of the global batch of `step`."""
+            starts = batch_starts(cfg["seed"], TRAIN_STREAM, step, accum * B, len(train_data), T)
+            first = (rank * local_accum + micro) * B
+            return get_batch(train_data, starts[first:first + B], T, device)
 
         step = start_step
         log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
             f"({accum} x {B} x {T}, {world_size} rank{'s' if world_size > 1 else ''}); training to step {cfg['max_iters']}")
         if use_compile:
             log("compiling the model: the first step takes longer (about a minute for GPT-2 124M on a GPU)")
-        record(event="resume" if start_step else "start")
+        record(metrics, wandb_run, step, event="resume" if start_step else "start")
         x, y = batch(step, 0)
         t0, steps_timed = time.time(), 0  # ms/step counts training alone, not evals or saves
         while step < cfg["max_iters"]:
-            if ddp:  # the ranks vote on stopping while the step computes; the vote is read at the step's end
+            if ddp:  # the ranks vote on stopping while this step computes; the vote is read after the step
                 stop_flag.fill_(1 if stop_signals else 0)
                 stop_vote = dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX, async_op=True)
             lr = get_lr(step, cfg)
@@ -638,7 +672,7 @@ def main(argv):
             steps_timed += 1
             tokens_seen += tokens_per_step
 
-            if ddp:
+            if ddp:  # the vote started at the top of this step: every rank stops after the same step
                 stop_vote.wait()
             stop = bool(stop_flag.item()) if ddp else bool(stop_signals)
             last = step == cfg["max_iters"]
@@ -652,21 +686,23 @@ def main(argv):
                 log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
                     f"{tokens_per_step / dt:,.0f} tokens/s, mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}, "
                     f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} to go")
-                record(loss=loss_now, lr=lr, ms_per_step=dt * 1000, tokens_per_s=tokens_per_step / dt, tokens=tokens_seen, mfu=mfu)
+                record(metrics, wandb_run, step, loss=loss_now, lr=lr, ms_per_step=dt * 1000,
+                       tokens_per_s=tokens_per_step / dt, tokens=tokens_seen, mfu=mfu)
             losses, improved = {}, False
             if do_eval:
-                losses = estimate_loss()
+                losses = estimate_loss(fast_model, splits, cfg, device, autocast)
                 improved, best_val_loss = losses["val"] < best_val_loss, min(best_val_loss, losses["val"])
                 log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                record(train_loss=losses["train"], val_loss=losses["val"])
+                record(metrics, wandb_run, step, train_loss=losses["train"], val_loss=losses["val"])
             # nanoGPT's always_save_checkpoint=False: also save where the val loss is the best yet
             do_save = master and (step % cfg["checkpoint_interval"] == 0 or last or stop
                                   or (improved and not cfg["always_save_checkpoint"]))
+            if do_save or (in_flight and in_flight[0].done()):
+                finish_saves(in_flight, log)  # one save at a time; a failed one raises here, a step after it failed
             if do_save:
-                finish_save()
                 if losses and (best_saved is None or losses["val"] < best_saved[0]):
                     best_saved = [losses["val"], step]  # the checkpoint keep_best keeps
-                snap = checkpoint.snapshot({
+                ckpt = {
                     "model": raw_model.state_dict(),  # clean names: neither DDP's module. nor compile's _orig_mod.
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
@@ -684,36 +720,20 @@ def main(argv):
                     "origin": origin,  # the weights step 0 started from: scratch, GPT-2, or another run's
                     "wandb_run_id": wandb_id,
                     "written_at": time.time(),
-                }, snapshot_buffers)
-                save = dict(out_dir=cfg["out_dir"], step=step, state=snap, keep_last=cfg["keep_last_checkpoints"],
-                            keep_every=cfg["keep_every"], abandon=abandon,
-                            protect=[start_step] + ([best_saved[1]] if cfg["keep_best"] and best_saved else []))
-                if saver:
-                    in_flight.append(saver.submit(checkpoint.publish, **save))
-                else:
-                    report_save(*checkpoint.publish(**save))
-            elif in_flight and in_flight[0].done():
-                finish_save()  # raises here, at the step after a background save failed
+                }
+                keep = [start_step] + ([best_saved[1]] if cfg["keep_best"] and best_saved else [])  # never pruned
+                in_flight.append(save_checkpoint(saver, state=ckpt, buffers=snapshot_buffers, cfg=cfg, protect=keep, abandon=abandon))
+                if not cfg["async_checkpoint"]:
+                    finish_saves(in_flight, log)
             if do_log or do_eval or do_save:
                 t0, steps_timed = time.time(), 0
             if stop:
-                rerun = "the same command" if cfg["from_checkpoint_step"] == -1 else \
-                    "it without --from_checkpoint_step, which would rewind again,"
-                log(f"stopped by a signal after step {step}; rerun {rerun} to resume")
+                log(f"stopped by a signal after step {step}; rerun {RERUN[cfg['from_checkpoint_step'] != -1]} to resume")
                 break
-        finish_save()  # the last checkpoint is on disk before the process exits
+        finish_saves(in_flight, log)  # the last checkpoint is on disk before the process exits
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, checkpoint.CheckpointError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        if int(os.environ.get("RANK", 0)) == 0:
-            rewinds = any(a.startswith("--from_checkpoint_step=") and a != "--from_checkpoint_step=-1" for a in sys.argv)
-            rerun = "it without --from_checkpoint_step, which would rewind again," if rewinds else "the same command"
-            print(f"interrupted: stopped at once, without saving the current step; rerun {rerun} to resume", file=sys.stderr)
-        sys.exit(130)
+    rewinds = any(a.startswith("--from_checkpoint_step=") and a != "--from_checkpoint_step=-1" for a in sys.argv)
+    run_main(main, (checkpoint.CheckpointError,), interrupted="interrupted: stopped at once, without saving the "
+             f"current step; rerun {RERUN[rewinds]} to resume")
