@@ -92,7 +92,7 @@ class _Output:
                 self.f.flush()
                 os.posix_fadvise(self.f.fileno(), self.written - n, n, os.POSIX_FADV_DONTNEED)
             return n
-        except BaseException as e:  # torch's zip writer reports it as a RuntimeError: save() needs the cause
+        except BaseException as e:  # for save(): torch's zip writer may turn it into a RuntimeError
             self.error = e
             raise
 
@@ -119,10 +119,8 @@ def save(out_dir, step, state, abandon=None):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        # torch's zip writer reports whatever failed inside it (a disk error, Ctrl-C, Abandoned) as a RuntimeError
-        cause = out.error if out is not None and out.error is not None else e
-        while isinstance(cause, RuntimeError) and cause.__context__ is not None:
-            cause = cause.__context__
+        # torch's zip writer may report what failed in write() (a disk error, Ctrl-C, Abandoned) as a RuntimeError
+        cause = out.error if out and out.error else e
         if isinstance(cause, OSError):
             raise CheckpointError(f"cannot write checkpoint {cause.filename or tmp}: {cause.strerror}") from None
         raise cause
@@ -180,25 +178,20 @@ def load(path):
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
 
 
-def require_step(out_dir, step):
-    """A CheckpointError that lists the steps there are, unless out_dir holds a checkpoint of `step`."""
-    steps = list_steps(out_dir)
-    if step not in steps:
-        have = ", ".join(map(str, steps)) or "none"
-        raise CheckpointError(f"no checkpoint for step {step} in {out_dir} (steps available: {have})")
-
-
 def find(out_dir, requested, warn=print):
     """The (step, state) to resume: requested=-1 is the newest good checkpoint, skipping damaged ones with a
     warning, or (0, None) when there is none (when there are only damaged ones, an error lists them);
     N > 0 is exactly step N; 0 is a fresh start."""
     if requested == 0:
         return 0, None
+    steps = list_steps(out_dir)
+    if requested > 0 and requested not in steps:
+        raise CheckpointError(f"no checkpoint for step {requested} in {out_dir} "
+                              f"(steps available: {', '.join(map(str, steps)) or 'none'})")
     if requested > 0:
-        require_step(out_dir, requested)
         return requested, load(path_for(out_dir, requested))
     problems = []
-    for step in reversed(list_steps(out_dir)):
+    for step in reversed(steps):
         try:
             return step, load(path_for(out_dir, step))
         except CheckpointError as e:

@@ -385,12 +385,9 @@ def resolve_start(cfg, ddp, master, cleanup):
     choice, state, locked = [0, None], None, False  # (step, error message)
     if master:
         try:
-            requested = cfg["from_checkpoint_step"]
-            if requested > 0:  # said before the folder is touched
-                checkpoint.require_step(cfg["out_dir"], requested)
             if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # else the folder is locked when writing starts
                 locked = bool(cleanup.enter_context(checkpoint.lock(cfg["out_dir"])))
-            choice[0], state = checkpoint.find(cfg["out_dir"], requested, warn=print)
+            choice[0], state = checkpoint.find(cfg["out_dir"], cfg["from_checkpoint_step"], warn=print)
         except checkpoint.CheckpointError as e:
             choice[1] = str(e)
     if ddp:
