@@ -31,6 +31,13 @@ from configurator import ConfigError
 from export import PretrainedError, load_hf_gpt2
 from model import GPT, GPTConfig
 
+# One thread per process, here and in every process a test starts (they inherit the variable): two xdist workers
+# on two cores, each with a second thread and subprocesses besides, thrash, for OpenMP threads spin while they
+# wait for a core. The thread count sets the CPU's float summation order, so the exact comparisons between runs
+# in this process and in subprocesses rely on its being the same everywhere.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "data"))
 import char_dataset  # noqa: E402  (in data/, beside the prepare scripts that use it)
