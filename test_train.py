@@ -3,7 +3,7 @@ The trainer's promises, each tested on tiny models on the CPU:  python -m pytest
 In-process runs where the claim is about what training computes; real processes (torchrun, exit codes)
 where the claim is about processes.
 """
-import fcntl
+import errno
 import glob
 import hashlib
 import json
@@ -345,10 +345,6 @@ def torchrun_cmd(nproc, *args, nodes=None):
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *where, "train.py", *args]
 
 
-def torchrun(nproc, *args):
-    return subprocess.run(torchrun_cmd(nproc, *args), capture_output=True, text=True, cwd=HERE, timeout=300)
-
-
 def ddp_flags(dataset, out_dir, *extra):
     return TINY + [f"--dataset={dataset}", f"--out_dir={out_dir}", "--gradient_accumulation_steps=2",
                    "--max_iters=40", *extra]
@@ -356,40 +352,12 @@ def ddp_flags(dataset, out_dir, *extra):
 
 @pytest.fixture(scope="session")
 def ddp_reference(tmp_path_factory, dataset):
-    """An unbroken 2-rank run to step 40 with a checkpoint at every step: what every DDP test must reproduce.
-    Made once for both xdist workers (the first to ask makes it, the other waits), on a dataset that is not
-    prepared yet: its prepare.py copies `dataset` and counts its runs, for test_ranks_prepare_a_dataset_once."""
-    shared = tmp_path_factory.getbasetemp()
-    if "PYTEST_XDIST_WORKER" in os.environ:  # the workers' folders are in one folder of this test run
-        shared = shared.parent
-    root, out = shared / "ddp_reference", shared / "ddp_reference" / "out"
-    with open(f"{root}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
-        if not os.path.exists(checkpoint.path_for(str(out), 40)):
-            shutil.rmtree(root, ignore_errors=True)  # what a worker that failed to make it left
-            (root / "data").mkdir(parents=True)
-            (root / "data" / "prepare.py").write_text(
-                "import os, shutil, time\nhere = os.path.dirname(os.path.abspath(__file__))\n"
-                "open(os.path.join(here, 'runs'), 'a').write('x')\ntime.sleep(1)  # the other rank queues meanwhile\n"
-                f"for name in ('train.bin', 'val.bin', 'meta.json'):\n    shutil.copy(os.path.join({dataset!r}, name), here)\n")
-            done = torchrun(2, *ddp_flags(str(root / "data"), out, "--checkpoint_interval=1"))
-            assert done.returncode == 0, done.stderr[-3000:]
+    """An unbroken run to step 40 with a checkpoint at every step, on one rank in this process: what every DDP test
+    must reproduce. 2 ranks compute it bit for bit on a CPU (each rank's micro-batch is one of the two here, and
+    the all-reduce sums the same two halves of the gradient), so the DDP tests compare with torch.equal."""
+    out = tmp_path_factory.mktemp("ddp_reference")
+    run(out, dataset, "--gradient_accumulation_steps=2", "--max_iters=40", "--checkpoint_interval=1")
     return out
-
-
-def test_ranks_prepare_a_dataset_once(ddp_reference):
-    """Under torchrun the ranks of a node queue on a lock; the first prepares, the others find it done."""
-    assert (ddp_reference.parent / "data" / "runs").read_text() == "x"
-
-
-def test_a_ddp_checkpoint_resumes_on_one_rank(tmp_path, dataset, ddp_reference):
-    """A 2-rank checkpoint resumed on one rank trains on the same global batches (that a DDP resume is exact,
-    test_ddp_ranks_agree_on_the_step_to_stop_at_and_resume_it_exactly shows)."""
-    os.makedirs(tmp_path / "one")
-    os.link(checkpoint.path_for(str(ddp_reference), 20), checkpoint.path_for(str(tmp_path / "one"), 20))
-    run(tmp_path / "one", dataset, "--gradient_accumulation_steps=2", "--max_iters=40")
-    a, b = tensors(state_at(ddp_reference, 40)), tensors(state_at(tmp_path / "one", 40))
-    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 # --- sampling -------------------------------------------------------------------------------------------------
@@ -582,11 +550,11 @@ def test_kill_9_under_torchrun_loses_nothing_and_two_nodes_resume_exactly(tmp_pa
 
 
 def test_a_signal_saves_the_current_step_and_exits_cleanly(tmp_path, dataset, reference):
-    """SIGTERM, SIGUSR1 and Ctrl-C each stop a run, which saves its step and exits 0; each run resumes the one
-    before, and the last saves in the loop (async_checkpoint=False)."""
+    """SIGTERM, and then Ctrl-C, stop a run, which saves its step and exits 0; the second run resumes the first
+    and saves in the loop (async_checkpoint=False). SIGUSR1 stops a rank in the DDP test below."""
     out = tmp_path / "out"
     cmd = train_cmd(dataset, out, "--checkpoint_interval=100")  # no interval checkpoint before the last step
-    for signum, saving in ((signal.SIGTERM, []), (signal.SIGUSR1, []), (signal.SIGINT, ["--async_checkpoint=False"])):
+    for signum, saving in ((signal.SIGTERM, []), (signal.SIGINT, ["--async_checkpoint=False"])):
         code, rest, stopped = stop_by_signal(cmd + saving, out, lambda proc: proc.send_signal(signum))
         assert code == 0 and "Traceback" not in rest, rest
         # the checkpoint is what an interval checkpoint at that step would have been
@@ -594,9 +562,15 @@ def test_a_signal_saves_the_current_step_and_exits_cleanly(tmp_path, dataset, re
 
 
 def test_ddp_ranks_agree_on_the_step_to_stop_at_and_resume_it_exactly(tmp_path, dataset, ddp_reference):
-    """Three ways to stop a DDP run; each run resumes the one before."""
-    out = tmp_path / "out"
-    cmd = torchrun_cmd(2, *ddp_flags(dataset, out, "--checkpoint_interval=100"))
+    """Three ways to stop a 2-rank run, each run resuming the one before; then one rank resumes the last. The
+    dataset is not prepared yet: under torchrun the ranks queue on a lock, and only the first prepares it."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    (data / "prepare.py").write_text(
+        "import os, shutil, time\nhere = os.path.dirname(os.path.abspath(__file__))\n"
+        "open(os.path.join(here, 'runs'), 'a').write('x')\ntime.sleep(1)  # the other rank queues meanwhile\n"
+        f"for name in ('train.bin', 'val.bin', 'meta.json'):\n    shutil.copy(os.path.join({dataset!r}, name), here)\n")
+    cmd = torchrun_cmd(2, *ddp_flags(str(data), out, "--checkpoint_interval=100"))
     ways = {  # how: (send, torchrun's exit code)
         # only rank 1 hears it; rank 0 must stop at the same step
         "SIGUSR1-to-rank-1": (lambda proc: os.kill(worker_with_rank(proc.pid, 1), signal.SIGUSR1), 0),
@@ -610,39 +584,41 @@ def test_ddp_ranks_agree_on_the_step_to_stop_at_and_resume_it_exactly(tmp_path, 
         code, rest, stopped = stop_by_signal(cmd, out, send)
         assert expected in (None, code) and "KeyboardInterrupt" not in rest, (how, rest)
         assert_identical(state_at(ddp_reference, stopped), state_at(out, stopped))
+    assert (data / "runs").read_text() == "x"
+    # a 2-rank checkpoint resumed on one rank, in this process, trains on the same global batches
+    run(out, str(data), "--max_iters=40")
+    assert_identical(state_at(ddp_reference, 40), state_at(out, 40))
 
 
-def failing_save(dataset, out_dir, patch):
-    """train.py in a real process with one file operation of checkpoint.save made to fail after two saves."""
-    code = f"""
-import builtins, errno, os, runpy, sys
-import checkpoint
-calls = [0]
-{patch}
-sys.argv = {train_cmd(dataset, out_dir, "--checkpoint_interval=5")[1:]!r}
-runpy.run_path("train.py", run_name="__main__")
-"""
-    return run_process(["-c", code])
+@pytest.mark.parametrize("cause", ["No space left on device", "Permission denied"], ids=["ENOSPC", "EACCES"])
+def test_a_failed_write_stops_the_run_and_harms_nothing(tmp_path, dataset, monkeypatch, capsys, cause):
+    """One file operation of checkpoint.save made to fail after two saves: the file's fsync, or the opening of its
+    temporary file. In this process: test_a_write_that_fails_part_way_harms_nothing shows that such a failure
+    ends a real process with one line and exit code 2."""
+    calls, real_fsync, real_open = [0], os.fsync, open
 
+    def fsync(fd):
+        calls[0] += 1
+        if calls[0] > 4:
+            raise OSError(errno.ENOSPC, cause)
+        real_fsync(fd)
 
-@pytest.mark.parametrize("patch, cause", [
-    ("def fsync(fd, real=os.fsync):\n"
-     "    calls[0] += 1\n"
-     "    if calls[0] > 4: raise OSError(errno.ENOSPC, 'No space left on device')\n"
-     "    real(fd)\n"
-     "os.fsync = fsync", "No space left on device"),
-    ("def open_(path, *a, real=builtins.open, **k):\n"
-     "    calls[0] += str(path).endswith('.tmp')\n"
-     "    if calls[0] > 2: raise PermissionError(errno.EACCES, 'Permission denied', path)\n"
-     "    return real(path, *a, **k)\n"
-     "checkpoint.open = open_", "Permission denied"),
-], ids=["ENOSPC", "EACCES"])
-def test_a_failed_write_stops_the_run_and_harms_nothing(tmp_path, dataset, patch, cause):
-    done = failing_save(dataset, tmp_path, patch)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert re.fullmatch(rf"error: cannot write checkpoint {tmp_path}/ckpt_0000015\.pt(\.tmp)?: {cause}\n", done.stderr)
+    def open_(path, *args, **kwargs):
+        calls[0] += str(path).endswith(".tmp")
+        if calls[0] > 2:
+            raise PermissionError(errno.EACCES, cause, path)
+        return real_open(path, *args, **kwargs)
+
+    if cause == "No space left on device":
+        monkeypatch.setattr(os, "fsync", fsync)
+    else:
+        monkeypatch.setattr(checkpoint, "open", open_, raising=False)  # shadows the builtin in checkpoint.py alone
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        run(tmp_path, dataset, "--max_iters=40", "--checkpoint_interval=5")
+    monkeypatch.undo()  # the checks below read with the real file operations
+    assert re.fullmatch(rf"cannot write checkpoint {tmp_path}/ckpt_0000015\.pt(\.tmp)?: {cause}", str(error.value))
     assert sorted(os.listdir(tmp_path)) == ["ckpt_0000005.pt", "ckpt_0000010.pt", "metrics.jsonl", "train.lock"]
-    assert "step 20:" not in done.stdout  # the background save's failure stopped training at once
+    assert "step 20:" not in capsys.readouterr().out  # the background save's failure stopped training at once
     for step in (5, 10):
         assert checkpoint.load(checkpoint.path_for(str(tmp_path), step))["step"] == step
 
@@ -779,9 +755,9 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
             with pytest.raises((ConfigError, checkpoint.CheckpointError)) as error:
                 main(args)
             assert message in str(error.value) and "\n" not in str(error.value), (args, str(error.value))
-    # and a few as real processes: exit code 2, that one line on stderr, no traceback
+    # and as real processes: exit code 2, that one line on stderr, no traceback (train.py's for a CheckpointError:
+    # test_a_write_that_fails_part_way_harms_nothing)
     for args, message in [(["train.py", *TINY, *train_cases[0][0]], train_cases[0][1]),
-                          (["train.py", *TINY, *train_cases[-2][0]], train_cases[-2][1]),
                           (["sample.py", "--device=cpu", *sample_cases[-1][0]], sample_cases[-1][1])]:
         done = run_process(args)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
@@ -1274,22 +1250,20 @@ def test_a_missed_check_fails_the_script(tmp_path, capsys):
     same = copy("same")
     near = copy("near", lambda s: s["model"]["transformer.wte.weight"].add_(1e-3))
     far = copy("far", lambda s: s["model"]["transformer.wte.weight"].add_(1.0))
-    done = gpu_check("compare", "equal", "equal", a, same, "closer", "near is nearer than far", a, near, far,
-                     "equal_scaler", "equal, with a scaler", a, same)
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = done.stdout.splitlines()
-    assert len(rows) == 3 and all(" ok " in row for row in rows), done.stdout
-
     one_bit = copy("one_bit", flip_a_bit)
     rescaled = copy("rescaled", lambda s: s["scaler"].update(scale=s["scaler"]["scale"] / 2))
     no_scaler = copy("no_scaler", lambda s: s.update(scaler={}))
-    done = gpu_check("compare", "equal", "one bit", a, one_bit, "equal", "another scale", a, rescaled,
+    # three checks that hold, then five that miss, in one call (that the script exits 0 when every check holds,
+    # test_gpu_check_runs_every_check_on_a_cpu shows)
+    done = gpu_check("compare", "equal", "equal", a, same, "closer", "near is nearer than far", a, near, far,
+                     "equal_scaler", "equal, with a scaler", a, same,
+                     "equal", "one bit", a, one_bit, "equal", "another scale", a, rescaled,
                      "closer", "far is nearer than near", a, far, near, "equal_scaler", "no scaler", no_scaler, no_scaler,
                      "equal", "a run that wrote nothing", a, str(tmp_path / "absent" / "ckpt_0000001.pt"))
     assert done.returncode == 1, done.stdout + done.stderr
     rows = done.stdout.splitlines()
-    assert len(rows) == 5 and all(" MISSED " in row for row in rows), done.stdout
-    assert "optimizer.state.0.exp_avg" in rows[0] and "scaler.scale" in rows[1] and "ckpt_0000001.pt" in rows[4], done.stdout
+    assert len(rows) == 8 and all(" ok " in row for row in rows[:3]) and all(" MISSED " in row for row in rows[3:]), done.stdout
+    assert "optimizer.state.0.exp_avg" in rows[3] and "scaler.scale" in rows[4] and "ckpt_0000001.pt" in rows[7], done.stdout
 
 
 # --- plot.py --------------------------------------------------------------------------------------------------
