@@ -728,6 +728,9 @@ def main(argv):
                 log(f"stopped by a signal after step {step}; rerun {RERUN[cfg['from_checkpoint_step'] != -1]} to resume")
                 break
         finish_saves(in_flight, log)  # the last checkpoint is on disk before the process exits
+        if ddp:  # the ranks leave together, and DDP lets go of the group before it is destroyed: a rank that tore
+            dist.barrier()  # gloo down while rank 0 still saved was once seen to abort at exit
+            del model
 
 
 if __name__ == "__main__":
