@@ -5,6 +5,9 @@ A file is what torch.save writes, a zip file whose records each carry a CRC32, a
 torch.load(path, weights_only=True). It is written under a temporary name, fsynced and renamed, so a file with
 a final name is complete. load() checks every record against its CRC32 first, so a file damaged later (cut short
 by a copy, a bit flipped on disk) is refused, never loaded.
+
+In order below: writing (snapshot, save, publish), reading (verify, load, find), and the folder (set_aside_newer
+for rewinds, prune, remove_temporaries, lock: one run per out_dir, describe: `python checkpoint.py out_dir`).
 """
 import fcntl
 import mmap
