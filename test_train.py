@@ -1238,7 +1238,8 @@ def table(stdout):
 
 
 def test_gpu_check_runs_every_check_on_a_cpu():
-    done = gpu_check(DEVICE="cpu", SMALL="1")
+    # no GPU visible: the runs with device auto must pick the CPU, even on a machine that has one
+    done = gpu_check(DEVICE="cpu", SMALL="1", CUDA_VISIBLE_DEVICES="")
     assert done.returncode == 0, done.stdout + done.stderr
     rows = table(done.stdout)
     assert not [row for row in rows if " MISSED " in row], done.stdout
