@@ -275,7 +275,7 @@ def load_dataset(name, block_size, trained_on=None):
         changes = [f"{k} {known.get(k)} -> {v}" for k, v in fingerprint.items() if known.get(k) != v]
         raise ConfigError(f"dataset {name} is not the data step {step} was trained on ({'; '.join(changes)}); "
                           f"to train these weights on other data, start a new run")
-    if fingerprint != known:  # every id once, so that no batch indexes past the embedding mid-run
+    if known is None:  # every id once, so that no batch indexes past the embedding mid-run
         for path, data in zip(paths, arrays):
             top = max(int(data[i:i + (1 << 26)].max()) for i in range(0, len(data), 1 << 26))
             if top >= meta["vocab_size"]:
