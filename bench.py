@@ -11,8 +11,6 @@ against without (what bit-exact GPU resumes cost), with the ratios; how long a c
 save writes; save bandwidth against a raw write of the same bytes with fsync; launch-to-first-step of a fresh
 and a resumed run, and load bandwidth against a raw read; checkpoint size against its tensors' bytes.
 """
-import contextlib
-import io
 import os
 import re
 import shutil
@@ -25,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import checkpoint
-import train
 from configurator import parse, run_main
+from dataset import get_batch, load_dataset
+from device import peak_flops, setup_runtime
 from model import GPT, GPTConfig
 
 CONFIG = [  # (key, default, what it sets)
@@ -41,6 +40,7 @@ SIZES = {  # model shapes; batch shapes per device
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=128),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
 }
+HERE = os.path.dirname(os.path.abspath(__file__))
 BATCH = {("small", "cpu"): (16, 64), ("small", "gpu"): (64, 64), ("gpt2", "cpu"): (1, 128), ("gpt2", "gpu"): (16, 1024)}
 
 
@@ -76,7 +76,7 @@ def plain_loop(model, data, B, T, device, autocast, compiled):
     fast = torch.compile(model) if compiled else model
 
     def step():
-        x, y = train.get_batch(data, torch.randint(len(data) - T, (B,)).tolist(), T, device)
+        x, y = get_batch(data, torch.randint(len(data) - T, (B,)).tolist(), T, device)
         with autocast:
             _, loss = fast(x, y)
         loss.backward()
@@ -90,24 +90,27 @@ def plain_loop(model, data, B, T, device, autocast, compiled):
 
 
 def shape_flags(size, device, dtype, B, T):
-    return [f"--{k}={v}" for k, v in SIZES[size].items()] + [f"--device={device}", f"--dtype={dtype}", f"--batch_size={B}",
-                                                              f"--block_size={T}", "--eval_iters=1", "--warmup_iters=1"]
+    return [f"--{k}={v}" for k, v in SIZES[size].items()] + [
+        f"--device={device}", f"--dtype={dtype}", f"--batch_size={B}", f"--block_size={T}", "--eval_iters=1",
+        "--warmup_iters=1"]
 
 
 def our_loop(flags, steps, out_dir):
-    """train.py's own loop, in this process: the ms/step of its last log line, over steps steps..2*steps."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        train.main(flags + [f"--out_dir={out_dir}", f"--max_iters={2 * steps}", f"--log_interval={steps}",
-                            f"--checkpoint_interval={2 * steps}", f"--lr_decay_iters={2 * steps}", "--from_checkpoint_step=0"])
-    return float(re.findall(r"([\d.]+) ms/step", printed.getvalue())[-1]) / 1000
+    """train.py's own loop, run as a user runs it: the ms/step of its last log line, over steps steps..2*steps."""
+    done = subprocess.run([sys.executable, "train.py", *flags, f"--out_dir={out_dir}", f"--max_iters={2 * steps}",
+                           f"--log_interval={steps}", f"--checkpoint_interval={2 * steps}",
+                           f"--lr_decay_iters={2 * steps}", "--from_checkpoint_step=0"],
+                          capture_output=True, text=True, cwd=HERE)
+    if done.returncode:
+        raise SystemExit(f"train.py failed: {flags}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return float(re.findall(r"([\d.]+) ms/step", done.stdout)[-1]) / 1000
 
 
 def launch_to_first_step(argv, first_step):
     """Seconds from starting `python train.py` to its log line for step first_step."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "train.py", *argv, "--log_interval=1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                            stderr=subprocess.STDOUT, text=True, cwd=HERE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seconds = None
     for line in proc.stdout:
@@ -121,7 +124,7 @@ def launch_to_first_step(argv, first_step):
 def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
     on_gpu = device.type != "cpu"
     B, T = BATCH[(size, "gpu" if on_gpu else "cpu")]
-    meta, data, _, _ = train.load_dataset("python_char", T)
+    meta, data, _, _ = load_dataset("python_char", T)
     out_dir = os.path.join(bench_dir, size)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
@@ -134,16 +137,21 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
     det = ours = base = float("inf")
     for r in range(repeats):
         det = min(det, our_loop(flags + ["--deterministic=True"], steps, os.path.join(out_dir, "det")))
-        ours = min(ours, our_loop(flags, steps, os.path.join(out_dir, "loop")))  # turns deterministic mode off again
+        ours = min(ours, our_loop(flags, steps, os.path.join(out_dir, "loop")))
         if r == 0:
             torch.manual_seed(0)
             model = GPT(GPTConfig(**SIZES[size])).to(device)
             step, optimizer = plain_loop(model, data, B, T, device, autocast, device.type == "cuda")
         base = min(base, timed(lambda: [step() for _ in range(steps)], sync)[0] / steps)
-    tokens, peak = B * T, train.peak_flops(device)
-    mfu = lambda s: (f", MFU {model.estimate_mfu(tokens / s, peak) * 100:.1f}%" if peak else ", MFU n/a") if on_gpu else ""
+    tokens, peak = B * T, peak_flops(device)
+
+    def mfu(seconds):
+        if not on_gpu:
+            return ""
+        return f", MFU {model.estimate_mfu(tokens / seconds, peak) * 100:.1f}%" if peak else ", MFU n/a"
     add("training tokens/s", f"{tokens / ours:,.0f}{mfu(ours)} ({base / ours:.2f}x plain)",
-        f"{tokens / base:,.0f}{mfu(base)} (plain loop)", "ours >= plain" + (" ok" if ours <= base * 1.02 else " MISSED"))
+        f"{tokens / base:,.0f}{mfu(base)} (plain loop)",
+        "ours >= plain" + (" ok" if ours <= base * 1.02 else " MISSED"))
     add("deterministic tokens/s", f"{tokens / det:,.0f}{mfu(det)} ({ours / det:.2f}x not deterministic)",
         f"{tokens / ours:,.0f} not deterministic")
 
@@ -154,7 +162,8 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
     nbytes = sum(t.numel() * t.element_size() for t in buffers.values())  # each tensor once: tied weights are one
     floor, _ = timed(lambda: checkpoint.snapshot(state), sync)  # new, unpinned memory: a plain copy
     sync_s, _ = timed(lambda: checkpoint.publish(out_dir, 1, checkpoint.snapshot(state, buffers), 0, 0, []), sync)
-    async_s, snap = min((timed(lambda: checkpoint.snapshot(state, buffers), sync) for _ in range(repeats)), key=lambda r: r[0])
+    async_s, snap = min((timed(lambda: checkpoint.snapshot(state, buffers), sync) for _ in range(repeats)),
+                        key=lambda r: r[0])
     add("stall per checkpoint", f"async {async_s * 1e3:,.0f} ms, sync {sync_s * 1e3:,.0f} ms",
         f"plain copy to host memory {floor * 1e3:,.0f} ms",
         "async <= 5% of sync" + (" ok" if async_s <= 0.05 * sync_s else " MISSED"))
@@ -178,7 +187,8 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
     for _ in range(repeats):  # interleaved, the best of each: the disk's speed drifts
         raw_s = min(raw_s, timed(lambda: raw_write(os.path.join(out_dir, "raw.bin"), file_bytes), sync)[0])
         save_s = min(save_s, timed(lambda: checkpoint.save(out_dir, 3, snap), sync)[0])
-    add("save bandwidth", f"{size_on_disk / save_s / 1e9:.2f} GB/s", f"{size_on_disk / raw_s / 1e9:.2f} GB/s raw write+fsync",
+    add("save bandwidth", f"{size_on_disk / save_s / 1e9:.2f} GB/s",
+        f"{size_on_disk / raw_s / 1e9:.2f} GB/s raw write+fsync",
         ">= 85% of raw" + (" ok" if save_s <= raw_s / 0.85 else " MISSED"))
 
     # 4. resume: load bandwidth against a raw read (both from a warm page cache), and launch-to-first-step
@@ -198,7 +208,8 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
     raw_read(resumed_from)
     read1_s, _ = timed(lambda: raw_read(resumed_from), lambda: None)
     overhead = resumed - fresh
-    add("launch to first step", f"resumed {resumed:.2f} s ({overhead:+.2f} s)", f"fresh {fresh:.2f} s; raw read {read1_s:.2f} s",
+    add("launch to first step", f"resumed {resumed:.2f} s ({overhead:+.2f} s)",
+        f"fresh {fresh:.2f} s; raw read {read1_s:.2f} s",
         "overhead <= 1.2x raw read" + (" ok" if overhead <= 1.2 * read1_s else " MISSED"))
 
     # 5. size against the tensors' own bytes
@@ -208,9 +219,9 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
 
 def main(argv):
     cfg, _ = parse(CONFIG, argv)
-    # set up as --deterministic=True does, before cuBLAS starts (its setting holds only then); train.py's runs set their own
-    device, dtype, autocast = train.setup_runtime(cfg["device"], cfg["dtype"], deterministic=True)
-    bench_dir = cfg["bench_dir"] or tempfile.mkdtemp(prefix="bench-", dir=os.path.dirname(os.path.abspath(__file__)))
+    # the plain loop's set-up, as train.py's without --deterministic; train.py's runs are processes of their own
+    device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"])
+    bench_dir = cfg["bench_dir"] or tempfile.mkdtemp(prefix="bench-", dir=HERE)
     rows = []
     try:
         for size in cfg["sizes"].split(","):
@@ -220,7 +231,8 @@ def main(argv):
     finally:
         if not cfg["bench_dir"]:
             shutil.rmtree(bench_dir, ignore_errors=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type.upper()}, {os.cpu_count()} cores"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" \
+        else f"{device.type.upper()}, {os.cpu_count()} cores"
     print(f"bench.py on {name}, {dtype}, torch {torch.__version__}")
     widths = [max(len(r[i]) for r in rows + [("size", "what", "ours", "baseline", "target")]) for i in range(5)]
     for row in [("size", "what", "ours", "baseline", "target")] + rows:

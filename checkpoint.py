@@ -6,26 +6,25 @@ torch.load(path, weights_only=True). It is written under a temporary name, fsync
 a final name is complete. load() checks every record against its CRC32 first, so a file damaged later (cut short
 by a copy, a bit flipped on disk) is refused, never loaded.
 
-In order below: writing (snapshot, save, publish), reading (verify, load, find), and the folder (set_aside_newer
-for rewinds, prune, remove_temporaries, lock: one run per out_dir, describe: `python checkpoint.py out_dir`).
+In order below: writing (snapshot, save, publish, and Saver, which does it on a thread of its own), reading
+(verify, load, find), and the folder (prune, remove_temporaries, describe: `python checkpoint.py out_dir`). What
+else a run keeps in out_dir (its lock, rewinds, metrics) is outdir.py's.
 """
-import fcntl
 import mmap
 import os
 import re
-import socket
 import sys
 import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from threading import Event
 
 import torch
 from torch.utils.serialization import config as torch_save_config
 
 CKPT_NAME = re.compile(r"ckpt_(\d{7,})\.pt")
 TMP_SUFFIX = ".tmp"
-LOCK_NAME = "train.lock"
 _checkers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # zlib.crc32 releases the GIL
 
 
@@ -33,7 +32,7 @@ class CheckpointError(Exception):
     """A checkpoint that is absent, damaged or unusable: the scripts print it as one line and exit 2."""
 
 
-class Abandoned(Exception):
+class SaveCancelled(Exception):
     """A save given up on request (a second Ctrl-C): its temporary file is gone, nothing else changed."""
 
 
@@ -79,16 +78,16 @@ def snapshot(state, buffers=None):
 
 
 class _Output:
-    """The temporary file, as torch.save writes into it: it stops when `abandon` is set, and has the kernel start
+    """The temporary file, as torch.save writes into it: it stops when `cancel` is set, and has the kernel start
     writing each large piece to disk at once, so the final fsync waits for little."""
 
-    def __init__(self, f, abandon):
-        self.f, self.abandon, self.written, self.error = f, abandon, 0, None
+    def __init__(self, f, cancel):
+        self.f, self.cancel, self.written, self.error = f, cancel, 0, None
 
     def write(self, data):
         try:
-            if self.abandon is not None and self.abandon.is_set():
-                raise Abandoned()
+            if self.cancel is not None and self.cancel.is_set():
+                raise SaveCancelled()
             n = self.f.write(data)
             self.written += n
             if n >= 1 << 20 and hasattr(os, "posix_fadvise"):
@@ -103,9 +102,9 @@ class _Output:
         self.f.flush()
 
 
-def save(out_dir, step, state, abandon=None):
+def save(out_dir, step, state, cancel=None):
     """Publish ckpt_<step>.pt atomically: temporary name, fsync, rename, fsync of the folder. Setting the
-    threading.Event `abandon` stops a save in progress (Abandoned); whatever fails, no temporary file stays."""
+    threading.Event `cancel` stops a save in progress (SaveCancelled); whatever fails, no temporary file stays."""
     if not torch_save_config.save.compute_crc32:  # on by default; off, every record would fail its check
         raise CheckpointError("torch.utils.serialization.config.save.compute_crc32 is off: checkpoints need it")
     path = path_for(out_dir, step)
@@ -113,7 +112,7 @@ def save(out_dir, step, state, abandon=None):
     out = None
     try:
         with open(tmp, "wb") as f:
-            out = _Output(f, abandon)
+            out = _Output(f, cancel)
             torch.save(state, out)
             f.flush()
             os.fsync(f.fileno())
@@ -122,7 +121,7 @@ def save(out_dir, step, state, abandon=None):
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        # torch's zip writer may report what failed in write() (a disk error, Ctrl-C, Abandoned) as a RuntimeError
+        # torch's zip writer may report what failed in write() (a disk error, Ctrl-C, SaveCancelled) as a RuntimeError
         cause = out.error if out and out.error else e
         if isinstance(cause, OSError):
             raise CheckpointError(f"cannot write checkpoint {cause.filename or tmp}: {cause.strerror}") from None
@@ -130,9 +129,54 @@ def save(out_dir, step, state, abandon=None):
     return path
 
 
-def publish(out_dir, step, state, keep_last, keep_every, protect, abandon=None):
+def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None):
     """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background."""
-    return save(out_dir, step, state, abandon), prune(out_dir, keep_last, keep_every, protect)
+    return save(out_dir, step, state, cancel), prune(out_dir, keep_last, keep_every, protect)
+
+
+class Saver:
+    """Writes a run's checkpoints on its own thread, one at a time. save() waits only for a host copy of the state
+    (into buffers kept from one save to the next, pinned for a GPU's tensors); the thread then writes, fsyncs,
+    renames and prunes. A failed save raises at the next save(), poll() or finish(). As a context manager, leaving
+    waits for the save in flight, unless Ctrl-C (then or meanwhile) cancels it: no file is left then."""
+
+    def __init__(self, out_dir, keep_last, keep_every, wait, log=print):
+        self.out_dir, self.keep_last, self.keep_every, self.wait, self.log = out_dir, keep_last, keep_every, wait, log
+        self.thread, self.cancel, self.in_flight, self.buffers = ThreadPoolExecutor(max_workers=1), Event(), None, {}
+
+    def save(self, state, protect):
+        """Checkpoint state["step"], never pruning the steps in `protect`; with wait=True, return once it is on disk."""
+        self.finish()
+        host = snapshot(state, self.buffers)
+        self.in_flight = self.thread.submit(publish, self.out_dir, state["step"], host, self.keep_last,
+                                            self.keep_every, protect, self.cancel)
+        if self.wait:
+            self.finish()
+
+    def poll(self):
+        """Report the save in flight if it has ended: a failure stops the run a step after it happened."""
+        if self.in_flight is not None and self.in_flight.done():
+            self.finish()
+
+    def finish(self):
+        """Wait for the save in flight, if any, and say what it did."""
+        if self.in_flight is not None:
+            future, self.in_flight = self.in_flight, None
+            path, pruned = future.result()
+            self.log(f"saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            if kind is KeyboardInterrupt:
+                self.cancel.set()
+            self.thread.shutdown()
+        except KeyboardInterrupt:
+            self.cancel.set()
+            self.thread.shutdown()
+            raise
 
 
 def fsync_dir(path):
@@ -153,7 +197,8 @@ def verify(path):
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         def damaged(r):  # a record's data follows its local header, whose last fields say how long the header is
             header = m[r.header_offset:r.header_offset + 30]
-            start = r.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+            extra = int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+            start = r.header_offset + 30 + extra
             with memoryview(m) as view, view[start:start + r.file_size] as data:
                 return header[:4] != b"PK\x03\x04" or len(data) != r.file_size or zlib.crc32(data) != r.CRC
         bad = [r.filename for r, d in zip(records, _checkers.map(damaged, records)) if d]
@@ -177,7 +222,8 @@ def load(path):
             named = CKPT_NAME.fullmatch(os.path.basename(path))
             if not named or (isinstance(state, dict) and state.get("step") == int(named.group(1))):
                 return state
-            problem = f"it holds step {state.get('step') if isinstance(state, dict) else None!r}, not the step in its name"
+            held = state.get("step") if isinstance(state, dict) else None
+            problem = f"it holds step {held!r}, not the step in its name"
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
 
 
@@ -217,23 +263,6 @@ def find_to_read(out_dir, requested, reader):
     return step, state
 
 
-def set_aside_newer(out_dir, step):
-    """Rewinding: move checkpoints newer than step into abandoned-<time>/ so 'latest' never mixes two timelines."""
-    newer = [s for s in list_steps(out_dir) if s > step]
-    if not newer:
-        return None
-    stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
-    folder, n = os.path.join(out_dir, stamp), 1
-    while os.path.exists(folder):  # two rewinds within one second
-        n += 1
-        folder = os.path.join(out_dir, f"{stamp}-{n}")
-    os.makedirs(folder)
-    for s in newer:
-        os.replace(path_for(out_dir, s), os.path.join(folder, os.path.basename(path_for(out_dir, s))))
-    fsync_dir(out_dir)
-    return folder
-
-
 def prune(out_dir, keep_last, keep_every, protect=()):
     """After a publish: keep the newest keep_last checkpoints (0 keeps all), every step divisible by keep_every
     (milestones, kept for good), and the steps in protect; delete the rest. abandoned-* folders are not touched."""
@@ -257,31 +286,6 @@ def remove_temporaries(out_dir):
             os.remove(os.path.join(out_dir, name))
 
 
-def lock(out_dir):
-    """Hold out_dir for this run: an exclusive flock on out_dir/train.lock, which the kernel releases when the
-    process ends, kill -9 included. Returns the open file (close it to release); CheckpointError names the
-    holder when another process has it. A filesystem without locks gets a warning, not a refusal."""
-    try:
-        f = open(os.path.join(out_dir, LOCK_NAME), "a+")
-    except OSError as e:
-        raise CheckpointError(f"cannot open {e.filename}: {e.strerror}") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that is starting"
-        f.close()
-        raise CheckpointError(f"out_dir {out_dir} is in use by another run ({holder}); "
-                              f"wait for it to end, or pass another out_dir") from None
-    except OSError as e:
-        print(f"warning: cannot lock {f.name} ({e.strerror}): make sure no other run uses {out_dir}")
-        return f
-    f.truncate(0)
-    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    return f
-
-
 def describe(out_dir):
     """One line per checkpoint: step, when written, train/val loss at that step, size, and whether it verifies."""
     lines = [f"{'step':>7}  {'written':19}  {'train loss':>10}  {'val loss':>8}  {'size':>10}  status"]
@@ -298,10 +302,11 @@ def describe(out_dir):
         except CheckpointError as e:
             losses, status = (None, None), str(e).split(": ", 1)[-1]
         train, val = ("-" if loss is None else f"{loss:.4f}" for loss in losses)
-        lines.append(f"{step:>7}  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))}  {train:>10}  {val:>8}  "
-                     f"{size / 1e6:>7.1f} MB  {status}")
+        when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))
+        lines.append(f"{step:>7}  {when}  {train:>10}  {val:>8}  {size / 1e6:>7.1f} MB  {status}")
     for note, found in (("started from", [] if origin == "scratch" else [origin]),
-                        ("incomplete writes (ignored, removed at the next start)", [n for n in names if n.endswith(TMP_SUFFIX)]),
+                        ("incomplete writes (ignored, removed at the next start)",
+                         [n for n in names if n.endswith(TMP_SUFFIX)]),
                         ("set aside by rewinds", [n for n in names if n.startswith("abandoned-")])):
         if found:
             lines.append(f"{note}: {', '.join(found)}")
@@ -310,6 +315,7 @@ def describe(out_dir):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
-        print("usage: python checkpoint.py <out_dir>   (lists the checkpoints in out_dir and verifies each)", file=sys.stderr)
+        print("usage: python checkpoint.py <out_dir>   (lists the checkpoints in out_dir and verifies each)",
+              file=sys.stderr)
         sys.exit(2)
     print(describe(sys.argv[1]))

@@ -1,14 +1,15 @@
 """
-Config from Python files and --key=value flags, applied in command-line order, so later wins:
+Every script's command line: config in, one-line errors and exit codes out (run_main). Config comes from Python
+files and --key=value flags, applied in command-line order, so later wins:
 
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
 A config file runs in a fresh namespace, and every plain value it assigns to a public name must be a known
 key; a file may compute with helpers, since modules, functions, classes (anything callable) and names that
 start with an underscore are not keys. Anything that goes wrong in a file, even sys.exit(), is one error
-line that names the file and the line. A flag's value is a
-Python literal; a bare word such as --device=cuda is a string, and so is any text given to a string key. A value must have its default's type (an int
-is fine where a float is expected); a key whose default is None takes any literal.
+line that names the file and the line. A flag's value is a Python literal; a bare word such as --device=cuda
+is a string, and so is any text given to a string key. A value must have its default's type (an int is fine
+where a float is expected); a key whose default is None takes any literal.
 """
 import ast
 import difflib
@@ -24,8 +25,8 @@ class ConfigError(Exception):
 
 def run_main(main, errors=(), interrupted=None):
     """A script's entry point: main(argv), with ConfigError and the given error classes (bad input, all) printed
-    as one line on stderr and exit code 2; with `interrupted`, Ctrl-C prints it and exits 130. Under torchrun,
-    rank 0 alone prints: the other ranks would say the same."""
+    as one line on stderr and exit code 2; with `interrupted`, Ctrl-C prints it (or the KeyboardInterrupt's own
+    message) and exits 130. Under torchrun, rank 0 alone prints: the other ranks would say the same."""
     speak = int(os.environ.get("RANK", 0)) == 0
     try:
         main(sys.argv[1:])
@@ -33,16 +34,26 @@ def run_main(main, errors=(), interrupted=None):
         if speak:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        if interrupted is None:
+    except KeyboardInterrupt as e:  # a KeyboardInterrupt raised with a message says what to do next
+        if interrupted is None and not e.args:
             raise
         if speak:
-            print(interrupted, file=sys.stderr)
+            print(e.args[0] if e.args else interrupted, file=sys.stderr)
         sys.exit(130)
 
 
+def check_ranges(cfg, positive=(), not_negative=(), below_one=()):
+    """Refuse, in one line, the first key outside its range: > 0, >= 0, or in [0, 1)."""
+    for keys, wrong, what in ((positive, lambda v: v <= 0, "be positive"),
+                              (not_negative, lambda v: v < 0, "not be negative"),
+                              (below_one, lambda v: not 0.0 <= v < 1.0, "be in [0, 1)")):
+        for key in keys:
+            if wrong(cfg[key]):
+                raise ConfigError(f"{key} must {what}, got {cfg[key]}")
+
+
 def parse(spec, argv):
-    """spec: (key, default, comment) triples. Returns the resolved config and the set of keys that a file or flag set."""
+    """spec: (key, default, comment) triples. Returns the resolved config, and the set of keys a file or flag set."""
     defaults = {key: default for key, default, _ in spec}
     if "--help" in argv or "-h" in argv:
         print(help_text(spec))
@@ -81,7 +92,8 @@ def run_config_file(path):
         source = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"config file {path}, line {line}: not UTF-8 text (byte {data[e.start]:#04x}: {e.reason})") from None
+        raise ConfigError(f"config file {path}, line {line}: not UTF-8 text "
+                          f"(byte {data[e.start]:#04x}: {e.reason})") from None
     namespace = {"__file__": path}
     try:
         exec(compile(source, path, "exec"), namespace)
@@ -90,7 +102,8 @@ def run_config_file(path):
         # only a SyntaxError in the file itself has the file's line; one from code the file compiles has another's
         line = e.lineno if isinstance(e, SyntaxError) and e.filename == path else _traceback_line(e, path)
         text = " ".join(str(e).splitlines())  # the message may span lines; the error is one line
-        what = f"{type(e).__name__}: {text}" if text else type(e).__name__  # sys.exit() and KeyboardInterrupt have no text
+        # sys.exit() and KeyboardInterrupt have no text
+        what = f"{type(e).__name__}: {text}" if text else type(e).__name__
         raise ConfigError(f"config file {path}, line {line}: {what}") from None
     return {name: value for name, value in namespace.items()
             if not name.startswith("_") and not isinstance(value, types.ModuleType) and not callable(value)}
@@ -138,6 +151,7 @@ def check_type(key, value, default, where):
     else:
         ok = type(value) is type(default)
     if not ok:
-        kind = {bool: "True or False", int: "an int", float: "a number", str: "a string"}.get(type(default), type(default).__name__)
+        kinds = {bool: "True or False", int: "an int", float: "a number", str: "a string"}
+        kind = kinds.get(type(default), type(default).__name__)
         raise ConfigError(f"{where}: {key} must be {kind}, got {value!r} ({type(value).__name__})")
     return value

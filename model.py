@@ -136,18 +136,13 @@ class GPT(nn.Module):
             loss = None
         return logits, loss
 
-    def crop_block_size(self, block_size):
-        """Shrink the context, e.g. to fine-tune GPT-2 (1024) with a smaller block."""
-        assert block_size <= self.config.block_size
-        self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay matrices and embeddings (>= 2-D); biases and LayerNorm gains stay undecayed
         params = [p for p in self.parameters() if p.requires_grad]
+        # named, so that a trainer sets each group's hyperparameters by name, never by position
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         # the fused kernel does the whole update in one launch on CUDA
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters

@@ -10,9 +10,9 @@ import sys
 import torch
 
 import checkpoint
-from configurator import ConfigError, parse, run_main
+from configurator import ConfigError, check_ranges, parse, run_main
 from model import GPT, GPTConfig
-from train import check_device, setup_runtime
+from device import check_device, setup_runtime
 
 CONFIG = [  # (key, default, what it sets); `python sample.py --help` prints this table
     ("out_dir", "out", "folder of the run's ckpt_<step>.pt files"),
@@ -23,7 +23,8 @@ CONFIG = [  # (key, default, what it sets); `python sample.py --help` prints thi
     ("temperature", 0.8, "1.0 samples the model's distribution; lower is more conservative"),
     ("top_k", 200, "sample among the k likeliest tokens only; 0 disables"),
     ("device", "auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"),
-    ("dtype", "auto", "auto (bfloat16 on a GPU that has it, else float16; float32 on CPU), float32, bfloat16 or float16"),
+    ("dtype", "auto", "auto (bfloat16 on a GPU that has it, else float16; float32 on CPU), float32, bfloat16 "
+                      "or float16"),
     ("seed", 1337, "seeds the sampling"),
 ]
 
@@ -47,11 +48,10 @@ def tokenizer(meta):
 def main(argv):
     cfg, _ = parse(CONFIG, argv)
     check_device(cfg["device"], cfg["dtype"])
-    for key in ("num_samples", "max_new_tokens"):
-        if cfg[key] <= 0:
-            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
+    check_ranges(cfg, positive=("num_samples", "max_new_tokens"))
     if cfg["temperature"] <= 0.0 or cfg["top_k"] < 0:
-        raise ConfigError(f"temperature must be positive and top_k not negative, got {cfg['temperature']} and {cfg['top_k']}")
+        raise ConfigError(f"temperature must be positive and top_k not negative, got {cfg['temperature']} "
+                          f"and {cfg['top_k']}")
     start = cfg["start"]
     if start.startswith("FILE:"):
         try:

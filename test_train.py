@@ -3,6 +3,7 @@ The trainer's promises, each tested on tiny models on the CPU:  python -m pytest
 In-process runs where the claim is about what training computes; real processes (torchrun, exit codes)
 where the claim is about processes.
 """
+import ast
 import errno
 import glob
 import hashlib
@@ -24,12 +25,15 @@ import torch
 
 import checkpoint
 import configurator
+import device
 import export
+import hf_gpt2
+import outdir
 import plot
 import sample
 import train
 from configurator import ConfigError
-from export import PretrainedError, load_hf_gpt2
+from hf_gpt2 import PretrainedError, load_hf_gpt2
 from model import GPT, GPTConfig
 
 # One thread per process, here and in every process a test starts (they inherit the variable): two xdist workers
@@ -126,7 +130,8 @@ def test_config_files_apply_in_order_and_later_wins(tmp_path):
 def test_broken_config_files_are_named(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("batch_size = 4\nbatch_sise = 5\n")
-    with pytest.raises(ConfigError, match=r"config file .*bad.py: unknown config key 'batch_sise' \(did you mean batch_size\?\)"):
+    unknown = r"config file .*bad.py: unknown config key 'batch_sise' \(did you mean batch_size\?\)"
+    with pytest.raises(ConfigError, match=unknown):
         configurator.parse(SPEC, [str(bad)])
     bad.write_text("batch_size = (\n")
     with pytest.raises(ConfigError, match=r"config file .*bad.py, line 1: SyntaxError"):
@@ -217,11 +222,12 @@ def test_char_dataset_renames_each_file_into_place_meta_json_last(tmp_path, monk
 def test_checkpoints_at_expected_steps_with_clean_names(tmp_path, dataset):
     run(tmp_path, dataset, "--max_iters=25", "--checkpoint_interval=10")
     assert checkpoint.list_steps(str(tmp_path)) == [10, 20, 25]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000010.pt", "ckpt_0000020.pt", "ckpt_0000025.pt", "metrics.jsonl", "train.lock"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000010.pt", "ckpt_0000020.pt", "ckpt_0000025.pt", "metrics.jsonl",
+                                            "train.lock"]
     state = state_at(tmp_path, 25)
     assert state["step"] == 25 and state["config"]["max_iters"] == 25 and state["tokens_seen"] == 25 * 4 * 16
     assert not any(k.startswith(("module.", "_orig_mod.")) or "._orig_mod." in k for k in state["model"])
-    model = train.GPT(train.GPTConfig(**state["model_args"]))
+    model = GPT(GPTConfig(**state["model_args"]))
     model.load_state_dict(state["model"])  # strict: the names are exactly the model's own
     assert state["val_loss"] is not None and state["best_val_loss"] <= state["val_loss"]
 
@@ -387,7 +393,8 @@ def test_sample_from_a_chosen_step(tmp_path, dataset, capsys):
     assert first.out.count("def ") >= 2 and "ckpt_0000005.pt" in first.err
     sample.main(args + ["--from_checkpoint_step=5"])
     assert capsys.readouterr().out == first.out  # seeded
-    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"no checkpoint for step 7 in {tmp_path} (steps available: 5, 10)")):
+    absent = f"no checkpoint for step 7 in {tmp_path} (steps available: 5, 10)"
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(absent)):
         sample.main(args + ["--from_checkpoint_step=7"])
 
 
@@ -556,8 +563,9 @@ def test_kill_9_under_torchrun_loses_nothing_and_two_nodes_resume_exactly(tmp_pa
     assert 40 not in checkpoint.list_steps(str(out))
     assert kill_9_again_and_again(cmd, 1, 1, out) >= 1
     steps, port = checkpoint.list_steps(str(out)), free_port()
-    nodes = [start(torchrun_cmd(1, *ddp_flags(dataset, out, "--checkpoint_interval=10", f"--from_checkpoint_step={step}"),
-                                nodes=(rank, port))) for rank, step in ((0, -1), (1, steps[0]))]
+    nodes = [start(torchrun_cmd(1, *ddp_flags(dataset, out, "--checkpoint_interval=10",
+                                              f"--from_checkpoint_step={step}"), nodes=(rank, port)))
+             for rank, step in ((0, -1), (1, steps[0]))]
     outputs = [p.stdout.read() for p in nodes]
     assert [p.wait() for p in nodes] == [0, 0], outputs
     assert f"resuming from step {steps[-1]}" in outputs[0]
@@ -707,7 +715,7 @@ def test_pickled_code_in_a_checkpoint_is_never_run(tmp_path, dataset):
 def files_and_mtimes(folder):
     """Every file below folder with its mtime, except the lock files that a run holds while it checks a resume."""
     return {p: os.stat(p).st_mtime_ns for p in glob.glob(str(folder / "**"), recursive=True)
-            if os.path.isfile(p) and os.path.basename(p) != checkpoint.LOCK_NAME}
+            if os.path.isfile(p) and os.path.basename(p) != outdir.LOCK_NAME}
 
 
 def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset):
@@ -735,14 +743,17 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
         ([data, fresh, "--batch_size=0"], "batch_size must be positive, got 0"),
         ([data, fresh, "--batch_size=-4"], "batch_size must be positive, got -4"),
         ([data, fresh, "--dropout=1.5"], "dropout must be in [0, 1), got 1.5"),
-        ([data, fresh, "--warmup_iters=50", "--lr_decay_iters=10"], "warmup_iters=50 must not exceed lr_decay_iters=10"),
+        ([data, fresh, "--warmup_iters=50", "--lr_decay_iters=10"],
+         "warmup_iters=50 must not exceed lr_decay_iters=10"),
         ([data, fresh, "--device=tpu"], "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
         ([data, fresh, "--dtype=float8"], "dtype must be auto, float32, bfloat16 or float16, got 'float8'"),
-        ([data, fresh, "--from_checkpoint_step=-2"], "from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, got -2"),
+        ([data, fresh, "--from_checkpoint_step=-2"],
+         "from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, got -2"),
         ([data, ran, "--from_checkpoint_step=7"], "no checkpoint for step 7 in"),
         ([data, ran, "--n_layer=3"], "n_layer=3 contradicts checkpoint step 10, whose model has n_layer=2"),
         (["--dataset=no_such_dataset", fresh], "dataset no_such_dataset: missing"),
-        ([data, f"--out_dir={tmp_path / 'a_file' / 'out'}"], f"out_dir {tmp_path / 'a_file' / 'out'}: {tmp_path / 'a_file'} is not a folder"),
+        ([data, f"--out_dir={tmp_path / 'a_file' / 'out'}"],
+         f"out_dir {tmp_path / 'a_file' / 'out'}: {tmp_path / 'a_file'} is not a folder"),
         ([data, f"--out_dir={damaged}", "--from_checkpoint_step=5"], "is unusable: not a whole zip file"),
         ([data, fresh, "--keep_last_checkpoints=-1"], "keep_last_checkpoints must not be negative, got -1"),
     ]
@@ -827,24 +838,24 @@ def test_prepare_scripts_write_a_dataset_from_any_text(tmp_path):
 ])
 def test_device_resolution_covers_every_case_without_a_gpu(requested, local_rank, cuda_count, mps, expected):
     if re.fullmatch(r"cpu|mps|cuda:\d", expected):
-        assert train.resolve_device(requested, local_rank, cuda_count, mps) == torch.device(expected)
+        assert device.resolve_device(requested, local_rank, cuda_count, mps) == torch.device(expected)
     else:
         with pytest.raises(ConfigError, match=re.escape(expected)):
-            train.resolve_device(requested, local_rank, cuda_count, mps)
+            device.resolve_device(requested, local_rank, cuda_count, mps)
 
 
 def test_dtype_auto_and_the_mfu_table():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert train.resolve_dtype("auto", cuda, True) == "bfloat16"
-    assert train.resolve_dtype("auto", cuda, False) == "float16"  # with the GradScaler, as nanoGPT does
-    assert train.resolve_dtype("auto", cpu, False) == "float32"
-    assert train.resolve_dtype("float16", cpu, False) == "float16"
+    assert device.resolve_dtype("auto", cuda, True) == "bfloat16"
+    assert device.resolve_dtype("auto", cuda, False) == "float16"  # with the GradScaler, as nanoGPT does
+    assert device.resolve_dtype("auto", cpu, False) == "float32"
+    assert device.resolve_dtype("float16", cpu, False) == "float16"
     with pytest.raises(ConfigError, match="dtype=bfloat16 but this GPU does not support it"):
-        train.resolve_dtype("bfloat16", cuda, False)
-    peak = lambda name: train.peak_flops(cuda, name)
+        device.resolve_dtype("bfloat16", cuda, False)
+    peak = lambda name: device.peak_flops(cuda, name)
     assert peak("NVIDIA H100 80GB HBM3") == 989e12 and peak("NVIDIA H100 PCIe") == 756e12
     assert peak("NVIDIA A100-SXM4-80GB") == 312e12 and peak("NVIDIA H200") == 989e12
-    assert peak("NVIDIA L40S") == 362e12 and peak("NVIDIA L4") == 121e12 and train.peak_flops(cpu) is None
+    assert peak("NVIDIA L40S") == 362e12 and peak("NVIDIA L4") == 121e12 and device.peak_flops(cpu) is None
     for unknown in ("NVIDIA A10G", "NVIDIA GeForce GTX 1080", "AMD Instinct MI300X", ""):
         assert peak(unknown) is None  # MFU prints n/a, never another GPU's figure
 
@@ -906,7 +917,8 @@ def test_a_resume_on_other_data_is_refused(tmp_path, dataset):
     run(tmp_path / "out", str(moved), "--max_iters=6")  # the same data in another folder is the same data
     char_dataset.write_char_dataset(open(os.__file__).read()[::-1] * 2, str(data))  # prepared again, from other text
     with pytest.raises(ConfigError, match=r"dataset .*data is not the data step 6 was trained on \(.*vocab_size .*"
-                                          r"sampled sha256 .*\); to train these weights on other data, start a new run"):
+                                          r"sampled sha256 .*\); to train these weights on other data, "
+                                          r"start a new run"):
         run(tmp_path / "out", str(data), "--max_iters=10")
     assert checkpoint.list_steps(str(tmp_path / "out")) == [5, 6]
 
@@ -972,7 +984,8 @@ def test_a_second_trainer_on_the_same_out_dir_is_refused(tmp_path, dataset, caps
         with pytest.raises(checkpoint.CheckpointError) as error:
             run(out, dataset, "--max_iters=10")
         assert re.fullmatch(rf"out_dir {out} is in use by another run \(host {re.escape(socket.gethostname())}, "
-                            rf"pid {first.pid}, since [-\d: ]+\); wait for it to end, or pass another out_dir", str(error.value))
+                            rf"pid {first.pid}, since [-\d: ]+\); wait for it to end, or pass another out_dir",
+                            str(error.value))
         # sample.py, checkpoint.py and eval_only only read: they work while the run goes on
         sample.main([f"--out_dir={out}", "--device=cpu", "--max_new_tokens=5", "--num_samples=1"])
         assert "  ok" in checkpoint.describe(str(out))
@@ -1008,7 +1021,8 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, dataset, reference, saving):
     proc.send_signal(signal.SIGINT)
     rest = proc.stdout.read()
     assert proc.wait() == 130, rest
-    assert rest.endswith("interrupted: stopped at once, without saving the current step; rerun the same command to resume\n")
+    assert rest.endswith("interrupted: stopped at once, without saving the current step; "
+                         "rerun the same command to resume\n")
     assert "Traceback" not in rest
     assert sorted(os.listdir(out)) == ["ckpt_0000010.pt", "metrics.jsonl", "train.lock"]
 
@@ -1022,7 +1036,8 @@ def test_a_write_that_fails_part_way_harms_nothing(tmp_path, dataset):
     done = subprocess.run(train_cmd(dataset, tmp_path, "--max_iters=10"), capture_output=True, text=True, cwd=HERE,
                           timeout=300, preexec_fn=limit)
     assert done.returncode == 2, done.stderr
-    assert done.stderr == f"error: cannot write checkpoint {checkpoint.path_for(str(tmp_path), 10)}.tmp: File too large\n"
+    tmp = f"{checkpoint.path_for(str(tmp_path), 10)}.tmp"
+    assert done.stderr == f"error: cannot write checkpoint {tmp}: File too large\n"
     assert sorted(os.listdir(tmp_path)) == ["ckpt_0000005.pt", "metrics.jsonl", "train.lock"]
     assert checkpoint.load(checkpoint.path_for(str(tmp_path), 5))["step"] == 5
 
@@ -1040,14 +1055,14 @@ CHANGED_AT_RESUME = {  # a new value for every key; the shape keys are refused, 
 
 def test_any_key_may_change_at_a_resume_or_is_refused_in_one_line(tmp_path, dataset):
     tested_elsewhere = {"dataset", "wandb_log"}  # other data is refused; wandb_log has its own test
-    assert set(CHANGED_AT_RESUME) | set(train.RUN_KEYS) | tested_elsewhere == {k for k, _, _ in train.CONFIG}
+    assert set(CHANGED_AT_RESUME) | set(outdir.RUN_KEYS) | tested_elsewhere == {k for k, _, _ in train.CONFIG}
     run(tmp_path / "base", dataset, "--max_iters=3")
     for key, value in CHANGED_AT_RESUME.items():
         out = tmp_path / key
         out.mkdir()
         os.link(checkpoint.path_for(str(tmp_path / "base"), 3), checkpoint.path_for(str(out), 3))
         flags = [f"--out_dir={out}", f"--{key}={value!r}"] + ([] if key == "max_iters" else ["--max_iters=6"])
-        if key in train.SHAPE_KEYS:
+        if key in outdir.SHAPE_KEYS:
             with pytest.raises(ConfigError, match=rf"^{key}={re.escape(repr(value))} contradicts checkpoint step 3"):
                 train.main(flags)
         else:
@@ -1111,7 +1126,8 @@ def test_metrics_are_the_history_of_the_live_timeline(tmp_path, dataset):
     run(tmp_path, dataset, "--max_iters=20", "--checkpoint_interval=10", "--log_interval=5", "--eval_interval=10")
     lines = read_metrics(tmp_path)
     assert [(m["step"], sorted(m)) for m in lines[:3]] == [
-        (0, ["event", "step", "time"]), (5, ["loss", "lr", "mfu", "ms_per_step", "step", "time", "tokens", "tokens_per_s"]),
+        (0, ["event", "step", "time"]),
+        (5, ["loss", "lr", "mfu", "ms_per_step", "step", "time", "tokens", "tokens_per_s"]),
         (10, ["loss", "lr", "mfu", "ms_per_step", "step", "time", "tokens", "tokens_per_s"])]
     assert [m["step"] for m in lines if "val_loss" in m] == [10, 20] and lines[2]["tokens"] == 10 * 4 * 16
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -1137,12 +1153,56 @@ def test_keep_best_keeps_the_checkpoint_with_the_best_val_loss(tmp_path, dataset
     assert checkpoint.list_steps(str(tmp_path / "b")) == [30]
 
 
+def test_a_checkpoint_without_group_names_or_loop_state_resumes_exactly(tmp_path, dataset):
+    """Checkpoints written before the optimizer's groups had names, or before a loop-state key existed, resume:
+    the groups take their names by build order, a missing key its default, and the weights are an unbroken run's."""
+    run(tmp_path / "a", dataset, "--max_iters=20", "--checkpoint_interval=10")
+    old = state_at(tmp_path / "a", 10)
+    for group in old["optimizer"]["param_groups"]:
+        del group["name"]
+    for key in ("tokens_seen", "origin", "best_checkpoint", "wandb_run_id"):
+        del old[key]
+    os.makedirs(tmp_path / "b")
+    checkpoint.save(str(tmp_path / "b"), 10, old)
+    run(tmp_path / "b", dataset, "--max_iters=20", "--checkpoint_interval=10")
+    unbroken, resumed = state_at(tmp_path / "a", 20), state_at(tmp_path / "b", 20)
+    assert_identical(unbroken, resumed)
+    assert [g["name"] for g in resumed["optimizer"]["param_groups"]] == ["decay", "no_decay"]
+    assert resumed["tokens_seen"] == unbroken["tokens_seen"] // 2 and resumed["origin"] == "scratch"
+
+
+LIBRARY = {"model", "dataset", "device", "outdir", "checkpoint", "hf_gpt2", "configurator"}
+SCRIPTS = {"train", "sample", "export", "plot", "bench"}
+
+
+def test_the_layout_keeps_its_budget():
+    """Every file but the tests: at most 350 lines of at most 120 characters (train.py, the file a fork reads
+    first: 100), opening with a docstring that states its contract; scripts import library modules, never each
+    other, and library modules never import a script."""
+    files = [f for f in glob.glob(os.path.join(HERE, "**", "*.py"), recursive=True) + glob.glob(f"{HERE}/*.sh")
+             if not os.path.basename(f).startswith("test_")]
+    assert {os.path.basename(f)[:-3] for f in files} >= LIBRARY | SCRIPTS
+    for path in files:
+        name, text = os.path.relpath(path, HERE), open(path, encoding="utf-8").read()
+        lines = text.splitlines()
+        assert len(lines) <= 350, f"{name}: {len(lines)} lines"
+        width = 100 if name == "train.py" else 120
+        assert max(map(len, lines)) <= width, f"{name}: a line over {width} characters"
+        if not path.endswith(".py") or name.startswith("config" + os.sep):
+            continue
+        tree = ast.parse(text)
+        assert ast.get_docstring(tree), f"{name} opens with no docstring"
+        imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & (SCRIPTS - {name[:-3]}), f"{name} imports a script: {imported & SCRIPTS}"
+
+
 def test_decay_lr_false_keeps_the_learning_rate(tmp_path, dataset):
     run(tmp_path, dataset, "--max_iters=10", "--decay_lr=False", "--learning_rate=3e-3", "--log_interval=1")
     assert {m["lr"] for m in read_metrics(tmp_path) if "lr" in m} == {3e-3}
 
 
-NANOGPT_STYLE_CONFIG = """# in the shape of nanoGPT's config/train_shakespeare_char.py: every key nanoGPT's train.py knows
+NANOGPT_STYLE_CONFIG = """# in the shape of nanoGPT's config/train_shakespeare_char.py: every key its train.py knows
 import time
 out_dir = 'out-nanogpt'
 eval_interval = 2
@@ -1207,7 +1267,8 @@ def test_wandb_continues_its_run_on_a_resume_and_starts_another_on_a_rewind(tmp_
     assert state_at(tmp_path / "out", 10)["wandb_run_id"] == first
     capsys.readouterr()
     run(tmp_path / "out", dataset, "--max_iters=10", "--from_checkpoint_step=5")
-    assert f"wandb: run {first} keeps the abandoned steps; this timeline continues in a new run" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"wandb: run {first} keeps the abandoned steps; this timeline continues in a new run" in printed
     assert state_at(tmp_path / "out", 10)["wandb_run_id"] != first
     assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*"))) == 3
 
@@ -1244,7 +1305,8 @@ def test_gpu_check_runs_every_check_on_a_cpu():
     rows = table(done.stdout)
     assert not [row for row in rows if " MISSED " in row], done.stdout
     for name in CHECKS:
-        assert [row for row in rows if row.startswith(name + " ") and row[len(name):].split()[0] == "ok"], (name, done.stdout)
+        ok = [row for row in rows if row.startswith(name + " ") and row[len(name):].split()[0] == "ok"]
+        assert ok, (name, done.stdout)
     assert done.stdout.startswith("gpu_check.sh, ")
     assert "| deterministic tokens/s " in done.stdout  # bench.py's own table follows the checks
 
@@ -1276,12 +1338,15 @@ def test_a_missed_check_fails_the_script(tmp_path, capsys):
     done = gpu_check("compare", "equal", "equal", a, same, "closer", "near is nearer than far", a, near, far,
                      "equal_scaler", "equal, with a scaler", a, same,
                      "equal", "one bit", a, one_bit, "equal", "another scale", a, rescaled,
-                     "closer", "far is nearer than near", a, far, near, "equal_scaler", "no scaler", no_scaler, no_scaler,
+                     "closer", "far is nearer than near", a, far, near,
+                     "equal_scaler", "no scaler", no_scaler, no_scaler,
                      "equal", "a run that wrote nothing", a, str(tmp_path / "absent" / "ckpt_0000001.pt"))
     assert done.returncode == 1, done.stdout + done.stderr
     rows = done.stdout.splitlines()
-    assert len(rows) == 8 and all(" ok " in row for row in rows[:3]) and all(" MISSED " in row for row in rows[3:]), done.stdout
-    assert "optimizer.state.0.exp_avg" in rows[3] and "scaler.scale" in rows[4] and "ckpt_0000001.pt" in rows[7], done.stdout
+    assert len(rows) == 8, done.stdout
+    assert all(" ok " in row for row in rows[:3]) and all(" MISSED " in row for row in rows[3:]), done.stdout
+    assert "optimizer.state.0.exp_avg" in rows[3] and "scaler.scale" in rows[4], done.stdout
+    assert "ckpt_0000001.pt" in rows[7], done.stdout
 
 
 # --- plot.py --------------------------------------------------------------------------------------------------
@@ -1419,7 +1484,8 @@ def test_load_hf_gpt2_matches_transformers(tmp_path, dataset):
     # learning_rate 0: the run's one step leaves the weights as init_from gave them, the position table cropped to 16
     run(tmp_path / "run", dataset, f"--init_from={tmp_path / 'st'}", "--max_iters=1", "--learning_rate=0.0")
     state = state_at(tmp_path / "run", 1)
-    assert state["model_args"] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=100, dropout=0.0)
+    assert state["model_args"] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=100,
+                                       dropout=0.0)
     ours = GPT(GPTConfig(**state["model_args"]))
     ours.load_state_dict(state["model"])
     with torch.no_grad():
@@ -1484,8 +1550,8 @@ def test_load_hf_gpt2_errors_are_one_line(tmp_path, monkeypatch):
         load_hf_gpt2(str(tmp_path))
     messages.append(str(e.value))
     other = dict(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=12, bias=True, dropout=0.0)
-    weights, _ = export.to_hf_gpt2(GPT(GPTConfig(**other)).state_dict(), other)
-    export.save_safetensors(weights, str(tmp_path / "model.safetensors"))
+    weights, _ = hf_gpt2.to_hf_gpt2(GPT(GPTConfig(**other)).state_dict(), other)
+    hf_gpt2.save_safetensors(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(PretrainedError, match=r"wte.weight has shape \(12, 8\); config.json implies \(10, 8\)") as e:
         load_hf_gpt2(str(tmp_path))
     messages.append(str(e.value))
@@ -1512,15 +1578,15 @@ def test_export_of_a_character_level_model(tmp_path):
 def test_safetensors_round_trip_of_every_float_dtype(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.randn(4, dtype=torch.float16), "c": torch.randn(2, 3).t().bfloat16(),
                "empty": torch.zeros(0, 7), "scalar": torch.tensor(7, dtype=torch.int64)}
-    export.save_safetensors(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
-    back = export.load_safetensors(str(tmp_path / "t.safetensors"))
+    hf_gpt2.save_safetensors(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    back = hf_gpt2.load_safetensors(str(tmp_path / "t.safetensors"))
     assert list(back) == list(tensors)
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
     from safetensors.torch import load_file  # the reference implementation reads what ours writes
     assert all(torch.equal(load_file(tmp_path / "t.safetensors")[k], v) for k, v in tensors.items())
     (tmp_path / "t.safetensors").write_bytes((tmp_path / "t.safetensors").read_bytes()[:-1])
     with pytest.raises(PretrainedError, match="is not a safetensors file"):  # truncated
-        export.load_safetensors(str(tmp_path / "t.safetensors"))
+        hf_gpt2.load_safetensors(str(tmp_path / "t.safetensors"))
 
 
 def test_prepare_shakespeare_writes_gpt2_tokens(tmp_path, monkeypatch):

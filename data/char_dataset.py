@@ -58,4 +58,5 @@ def write_char_dataset(text, folder):
     write_atomically(os.path.join(folder, "val.bin"), ids[n:].tobytes())
     meta = {"vocab_size": len(chars), "chars": chars, "dtype": dtype}
     write_atomically(os.path.join(folder, "meta.json"), json.dumps(meta).encode())
-    print(f"{len(text):,} characters, vocabulary of {len(chars)}: {n:,} train and {len(ids) - n:,} val tokens in {folder}")
+    print(f"{len(text):,} characters, vocabulary of {len(chars)}: {n:,} train and {len(ids) - n:,} val tokens "
+          f"in {folder}")

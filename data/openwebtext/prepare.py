@@ -13,7 +13,8 @@ NUM_PROC = max(1, os.cpu_count() // 2)
 here = os.path.dirname(os.path.abspath(__file__))
 enc = tiktoken.get_encoding("gpt2")
 
-split = load_dataset("openwebtext", num_proc=NUM_PROC)["train"].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+split = load_dataset("openwebtext", num_proc=NUM_PROC)["train"]
+split = split.train_test_split(test_size=0.0005, seed=2357, shuffle=True)
 split["val"] = split.pop("test")
 
 

@@ -1,0 +1,139 @@
+"""
+A dataset is a folder with train.bin and val.bin (token ids, uint16 or uint32, back to back) and meta.json
+(vocab_size, the ids' dtype, and the vocabulary: "chars", or "tokenizer": "gpt2"). load_dataset prepares one that
+is not yet (running its prepare.py, one process at a time), checks everything training relies on, and
+fingerprints it, so a resume on other data is refused.
+
+The exact-resume contract, which a replacement loader must keep: the batch of every step, and the dropout mask of
+every micro-step, is a pure function of (seed, step, row or micro-step in the global batch). Then a resume needs no
+loader or RNG state, 1 rank or N ranks compute the same global batch, and a rewind recomputes what it recomputes
+exactly. A streaming loader that remembers where it is breaks this silently: it must be able to start at any step.
+"""
+import difflib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from configurator import ConfigError
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TRAIN_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2  # keep the three uses of the seed independent
+TOKEN_DTYPES = ("uint16", "uint32")  # what meta.json's "dtype" may say; uint16 when it says nothing
+
+
+def dataset_dir(name):
+    """A name under data/ (shakespeare_char), or a path to a folder anywhere (./mine, /data/owt)."""
+    return name if os.sep in name or name.startswith(".") else os.path.join(DATA_DIR, name)
+
+
+def prepare(name, folder, paths):
+    """Run the folder's prepare.py if some file is missing; torchrun's ranks queue on a lock and the first prepares."""
+    script = os.path.join(folder, "prepare.py")
+    if all(map(os.path.exists, paths)) or not os.path.exists(script):
+        return
+    try:
+        with open(os.path.join(folder, "prepare.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not all(map(os.path.exists, paths)):  # or another process prepared it while we waited
+                print(f"dataset {name} is not prepared yet: running {script}")
+                done = subprocess.run([sys.executable, script], capture_output=True, text=True)
+                if done.returncode:
+                    last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+                    raise ConfigError(f"dataset {name}: {script} failed: {last}")
+    except OSError as e:
+        raise ConfigError(f"dataset {name}: cannot prepare it in {folder}: {e.strerror}") from None
+
+
+def load_dataset(name, block_size, trained_on=None):
+    """Prepare the dataset if it is not yet, check all that training relies on, and return (meta, train, val,
+    fingerprint). The fingerprint (vocabulary, token dtype, sizes, a hash of meta.json and of 32 spread 64 KiB
+    blocks per file) identifies the data cheaply, even for 17 GB files. trained_on, a resume's (step, fingerprint):
+    other data is refused, and the same data skips the scan of every token id, done when the run began."""
+    folder = dataset_dir(name)
+    paths = [os.path.join(folder, f) for f in ("train.bin", "val.bin", "meta.json")]
+    prepare(name, folder, paths)
+    missing = [f for f in paths if not os.path.exists(f)]
+    if missing:
+        under_data = folder == os.path.join(DATA_DIR, name)
+        close = difflib.get_close_matches(name, os.listdir(DATA_DIR), n=1) if under_data else []
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"dataset {name}: missing {', '.join(missing)}{hint}")
+    try:
+        with open(paths[2], "rb") as f:
+            meta_bytes = f.read()
+        meta = json.loads(meta_bytes)
+        assert type(meta["vocab_size"]) is int and meta["vocab_size"] > 0
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise ConfigError(f"dataset {name}: {paths[2]} has no positive integer vocab_size") from None
+    if meta.get("dtype", "uint16") not in TOKEN_DTYPES:
+        raise ConfigError(f"dataset {name}: meta.json's dtype must be uint16 or uint32, got {meta['dtype']!r}")
+    dtype = np.dtype(meta.get("dtype", "uint16"))
+    if meta["vocab_size"] > np.iinfo(dtype).max + 1:
+        raise ConfigError(f"dataset {name}: vocab_size {meta['vocab_size']} does not fit {dtype} token ids; "
+                          f"meta.json must say \"dtype\": \"uint32\"")
+    digest, arrays = hashlib.sha256(meta_bytes), []
+    for path in paths[:2]:
+        size = os.path.getsize(path)
+        if size % dtype.itemsize or size // dtype.itemsize <= block_size:
+            raise ConfigError(f"dataset {name}: {path} is {size} bytes: not a whole number of {dtype} tokens, "
+                              f"or fewer than block_size+1 = {block_size + 1} of them")
+        data = np.memmap(path, dtype=dtype, mode="r")
+        for i in np.linspace(0, max(len(data) - (1 << 15), 0), 32).astype(np.int64):
+            digest.update(data[i:i + (1 << 15)].tobytes())
+        arrays.append(data)
+    fingerprint = {"vocab_size": meta["vocab_size"], "dtype": str(dtype),
+                   "train.bin bytes": os.path.getsize(paths[0]), "val.bin bytes": os.path.getsize(paths[1]),
+                   "sampled sha256": digest.hexdigest()}
+    step, known = trained_on or (None, None)
+    if known is not None and known != fingerprint:
+        changes = [f"{k} {known.get(k)} -> {v}" for k, v in fingerprint.items() if known.get(k) != v]
+        raise ConfigError(f"dataset {name} is not the data step {step} was trained on ({'; '.join(changes)}); "
+                          f"to train these weights on other data, start a new run")
+    if known is None:  # every id once, so that no batch indexes past the embedding mid-run
+        for path, data in zip(paths, arrays):
+            top = max(int(data[i:i + (1 << 26)].max()) for i in range(0, len(data), 1 << 26))
+            if top >= meta["vocab_size"]:
+                raise ConfigError(f"dataset {name}: {path} holds token id {top}, outside meta.json's vocab_size "
+                                  f"{meta['vocab_size']}; prepare the dataset again")
+    return meta, arrays[0], arrays[1], fingerprint
+
+
+def model_vocab_size(cfg, meta, init_vocab=None, log=print):
+    """The model's vocabulary size: the config's, or the dataset's; never smaller than the dataset's. init_vocab,
+    init_from's vocabulary (meta's "chars" or "tokenizer"), gets a warning when it is not the dataset's."""
+    vocab_size = cfg["vocab_size"] or meta["vocab_size"]
+    if vocab_size < meta["vocab_size"]:
+        whose = " (init_from's model)" if init_vocab else ""
+        raise ConfigError(f"vocab_size={vocab_size}{whose} is smaller than dataset {cfg['dataset']}'s "
+                          f"{meta['vocab_size']}")
+    words = ("chars", "tokenizer")
+    if init_vocab and [init_vocab.get(k) for k in words] != [meta.get(k) for k in words]:
+        log(f"warning: dataset {cfg['dataset']}'s vocabulary is not init_from's: the weights will read its token "
+            f"ids as other characters or words")
+    return vocab_size
+
+
+def batch_starts(seed, stream, step, rows, n_tokens, block_size):
+    """Where each row of the global batch of `step` starts: a pure function of the arguments, so every rank
+    and every resumed run draws exactly the same global batch."""
+    return np.random.default_rng([seed, stream, step]).integers(0, n_tokens - block_size, size=rows)
+
+
+def get_batch(data, starts, block_size, device):
+    """x, y: (len(starts), block_size) int64 token ids on device; y is x shifted by one."""
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def micro_seed(seed, step, micro_step):
+    """The dropout seed of one micro-step, the same whichever rank runs it and however the run was resumed."""
+    return int(np.random.SeedSequence([seed, DROPOUT_STREAM, step, micro_step]).generate_state(1, np.uint64)[0])

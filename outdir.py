@@ -1,0 +1,305 @@
+"""
+A run's life in its out_dir, apart from the checkpoint files themselves (checkpoint.py's): one run per folder (an
+flock on train.lock), the step to start from, chosen by rank 0 and told to every rank, what a resume inherits from
+its checkpoint and a fresh start from init_from, rewinds (newer checkpoints set aside, metrics.jsonl trimmed to the
+live timeline), the metrics log (metrics.jsonl, and wandb or a stand-in that does nothing), and the signals that
+stop a run, with the vote that makes every DDP rank stop after the same step. Nothing here writes before
+open_out_dir, which train.py calls once every check has passed.
+"""
+import fcntl
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+
+import torch
+import torch.distributed as dist
+
+import checkpoint
+from configurator import ConfigError
+from hf_gpt2 import GPT2_HUB_NAMES, load_hf_gpt2
+
+RUN_KEYS = ("out_dir", "from_checkpoint_step", "init_from", "eval_only")  # this command's alone, never inherited
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # the model's, from its weights
+LOCK_NAME = "train.lock"
+
+
+def lock(out_dir):
+    """Hold out_dir for this run: an exclusive flock on out_dir/train.lock, which the kernel releases when the
+    process ends, kill -9 included. Returns the open file (close it to release); CheckpointError names the
+    holder when another process has it. A filesystem without locks gets a warning, not a refusal."""
+    try:
+        f = open(os.path.join(out_dir, LOCK_NAME), "a+")
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"cannot open {e.filename}: {e.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that is starting"
+        f.close()
+        raise checkpoint.CheckpointError(f"out_dir {out_dir} is in use by another run ({holder}); "
+                                         f"wait for it to end, or pass another out_dir") from None
+    except OSError as e:
+        print(f"warning: cannot lock {f.name} ({e.strerror}): make sure no other run uses {out_dir}")
+        return f
+    f.truncate(0)
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
+def resolve_start(cfg, given, ddp, master, cleanup, log):
+    """Rank 0 locks out_dir (one run per folder; eval_only only reads) and picks the checkpoint to resume; it tells
+    the other ranks, so every rank resumes the same step, and a resume takes its config (continue_run). Returns
+    (step, state or None, whether out_dir is locked)."""
+    choice, state, locked = {"step": 0, "error": None}, None, False
+    if master:
+        try:
+            if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # else locked when writing starts
+                locked = bool(cleanup.enter_context(lock(cfg["out_dir"])))
+            choice["step"], state = checkpoint.find(cfg["out_dir"], cfg["from_checkpoint_step"], warn=print)
+        except checkpoint.CheckpointError as e:
+            choice["error"] = str(e)
+    if ddp:
+        envelope = [choice]
+        dist.broadcast_object_list(envelope, src=0)
+        choice = envelope[0]
+    if choice["error"]:
+        raise checkpoint.CheckpointError(choice["error"])
+    step = choice["step"]
+    if step and state is None:
+        state = checkpoint.load(checkpoint.path_for(cfg["out_dir"], step))
+    if state is None:
+        log("starting fresh" + (f": no checkpoint in {cfg['out_dir']}" if cfg["from_checkpoint_step"] == -1 else ""))
+        return step, state, locked
+    changed = continue_run(cfg, given, state)
+    log(f"resuming from step {step}" + (f"; changed by this command: {'; '.join(changed)}" if changed else ""))
+    if "init_from" in given:
+        log(f"init_from applies to a fresh start only: this run resumes its own step {step}")
+    return step, state, locked
+
+
+def check_out_dir(cfg):
+    """The keys that pick the run and its checkpoint, checked first, since the others may come from it: out_dir
+    must be a folder this process can write in, or creatable (nothing is created here)."""
+    if not cfg["out_dir"]:
+        raise ConfigError("out_dir must not be empty")
+    if cfg["from_checkpoint_step"] < -1:
+        raise ConfigError(f"from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, "
+                          f"got {cfg['from_checkpoint_step']}")
+    path = os.path.abspath(cfg["out_dir"])
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"out_dir {cfg['out_dir']}: {path} is not a folder")
+    if not cfg["eval_only"] and not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"out_dir {cfg['out_dir']}: {path} is not writable")
+
+
+def continue_run(cfg, given, state):
+    """A resume continues the same run: every key but RUN_KEYS comes from the checkpoint's config unless this
+    command sets it, and the model has the checkpoint's shape. Updates cfg; returns what the command changed."""
+    changed = [f"{k}: {state['config'].get(k)!r} -> {cfg[k]!r}" for k in sorted(given - set(RUN_KEYS))
+               if k in state["config"] and state["config"][k] != cfg[k]]
+    cfg |= {k: v for k, v in state["config"].items() if k in cfg and k not in given and k not in RUN_KEYS}
+    for group, name in zip(state["optimizer"]["param_groups"], ("decay", "no_decay")):  # groups got names later
+        group.setdefault("name", name)
+    for key in SHAPE_KEYS:
+        if key in given and cfg[key] != state["model_args"][key]:
+            raise ConfigError(f"{key}={cfg[key]!r} contradicts checkpoint step {state['step']}, "
+                              f"whose model has {key}={state['model_args'][key]!r}")
+        cfg[key] = state["model_args"][key]
+    return changed
+
+
+def init_weights(cfg, given):
+    """A fresh start's weights, init_from: GPT-2's released ones (a hub name or a Hugging Face folder) or another
+    run's checkpoint (a file, or an out_dir with an optional :step). The model takes their shape where this command
+    does not set it, and a smaller block_size crops the position table. Returns a dict: model_args, weights,
+    origin (a description) and vocab; None for scratch (or 'resume', nanoGPT's word for it)."""
+    source = cfg["init_from"]
+    if source in ("scratch", "resume"):
+        return None
+    if source in GPT2_HUB_NAMES or os.path.isfile(os.path.join(source, "config.json")):
+        try:
+            model_args, weights = load_hf_gpt2(source)
+        except (ValueError, OSError, ImportError) as e:  # PretrainedError is a ValueError
+            raise ConfigError(f"init_from={source}: {e}") from None
+        init = {"model_args": model_args, "weights": weights, "origin": f"Hugging Face GPT-2 {source}",
+                "vocab": {"tokenizer": "gpt2"}}
+    else:
+        folder, colon, step = source.rpartition(":")
+        if not (colon and step.isdigit()):
+            folder, step = source, "-1"
+        if os.path.isfile(source):
+            state = checkpoint.load(source)
+        elif os.path.isdir(folder):
+            state = checkpoint.find(folder, int(step), warn=print)[1]
+            if state is None:
+                raise ConfigError(f"init_from={source}: no checkpoint in {folder}")
+        else:
+            raise ConfigError(f"init_from={source}: not scratch, {', '.join(GPT2_HUB_NAMES)}, a Hugging Face GPT-2 "
+                              f"folder, or a checkpoint file or out_dir")
+        init = {"model_args": state["model_args"], "weights": state["model"],
+                "origin": f"{source} (step {state['step']})", "vocab": state["meta"]}
+    for key in SHAPE_KEYS:
+        theirs = init["model_args"][key]
+        if key in given and cfg[key] != theirs and not (key == "block_size" and cfg[key] < theirs):
+            raise ConfigError(f"{key}={cfg[key]!r} contradicts init_from's model, which has {key}={theirs!r}")
+        if key not in given:
+            cfg[key] = theirs
+    # a smaller block_size (fine-tuning GPT-2's 1024 on 256, say) keeps the first rows of the position table
+    init["weights"]["transformer.wpe.weight"] = init["weights"]["transformer.wpe.weight"][:cfg["block_size"]]
+    return init
+
+
+def metrics_path(folder):
+    return os.path.join(folder, "metrics.jsonl")
+
+
+def set_aside_newer(out_dir, step):
+    """Rewinding: move checkpoints newer than step into abandoned-<time>/ so 'latest' never mixes two timelines."""
+    newer = [s for s in checkpoint.list_steps(out_dir) if s > step]
+    if not newer:
+        return None
+    stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
+    folder, n = os.path.join(out_dir, stamp), 1
+    while os.path.exists(folder):  # two rewinds within one second
+        n += 1
+        folder = os.path.join(out_dir, f"{stamp}-{n}")
+    os.makedirs(folder)
+    for s in newer:
+        name = os.path.basename(checkpoint.path_for(out_dir, s))
+        os.replace(os.path.join(out_dir, name), os.path.join(folder, name))
+    checkpoint.fsync_dir(out_dir)
+    return folder
+
+
+def trim_metrics(out_dir, step, abandoned):
+    """metrics.jsonl is the history of the live timeline: its lines past `step` (of an abandoned timeline, or of
+    steps a crash lost, which this run computes again) leave it, into the abandoned folder when there is one;
+    a last line that a crash cut short is dropped."""
+    if not os.path.exists(metrics_path(out_dir)):
+        return
+    kept, past = [], []
+    with open(metrics_path(out_dir)) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if entry is not None and line.endswith("\n"):  # else the last line, which a crash cut short
+                # a start or resume marked at `step` is marked anew by this run
+                (past if entry["step"] > step or (entry["step"] == step and "event" in entry) else kept).append(line)
+    for folder, lines in ((abandoned, past), (out_dir, kept)):
+        if folder is not None:
+            with open(metrics_path(folder) + ".tmp", "w") as f:
+                f.writelines(lines)
+            os.replace(metrics_path(folder) + ".tmp", metrics_path(folder))
+
+
+def open_out_dir(cfg, step, locked, wandb_run_id, cleanup, log):
+    """Rank 0, once every check has passed: lock a new out_dir, delete what a crash left, set aside the checkpoints
+    of an abandoned timeline (a rewind), trim metrics.jsonl to this one and start wandb when it is on. Returns the
+    run's Metrics."""
+    out_dir = cfg["out_dir"]
+    try:
+        if not locked:  # a new out_dir: lock it, and make sure no other run got there first
+            os.makedirs(out_dir, exist_ok=True)
+            cleanup.enter_context(lock(out_dir))
+            if checkpoint.list_steps(out_dir):
+                raise checkpoint.CheckpointError(f"out_dir {out_dir} got checkpoints from another run meanwhile")
+        checkpoint.remove_temporaries(out_dir)
+        abandoned = set_aside_newer(out_dir, step)
+        trim_metrics(out_dir, step, abandoned)
+        metrics_file = cleanup.enter_context(open(metrics_path(out_dir), "a"))
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
+    if abandoned:
+        log(f"rewinding to step {step}: moved the newer checkpoints into {abandoned}")
+    wandb_run = start_wandb(cfg, wandb_run_id, abandoned, log) if cfg["wandb_log"] else None
+    if wandb_run is not None:
+        cleanup.callback(wandb_run.finish)
+    return Metrics(metrics_file, wandb_run)
+
+
+class NoWandb:
+    """wandb's stand-in when wandb_log is off: the same calls, doing nothing."""
+    id = None
+
+    def log(self, fields, step):
+        pass
+
+    def finish(self):
+        pass
+
+
+def start_wandb(cfg, run_id, abandoned, log):
+    """One wandb run per timeline: a resume continues the checkpoint's run; a fresh start or a rewind starts one."""
+    import wandb
+    if abandoned and run_id:
+        log(f"wandb: run {run_id} keeps the abandoned steps; this timeline continues in a new run")
+    try:
+        return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], resume="allow", config=cfg,
+                          id=run_id if run_id and not abandoned else uuid.uuid4().hex[:8])
+    except Exception as e:  # not logged in, no network: wandb has many kinds of error
+        raise ConfigError(f"wandb_log=True, but wandb cannot start: {type(e).__name__}: {' '.join(str(e).split())}; "
+                          f"try WANDB_MODE=offline") from None
+
+
+class Metrics:
+    """The run's log: lines of metrics.jsonl (rank 0's file; None on the other ranks) and wandb's run (or NoWandb).
+    wandb drops steps it has seen, so the steps a crash lost and this run computes again are not logged twice."""
+
+    def __init__(self, file=None, wandb_run=None):
+        self.file, self.wandb = file, wandb_run or NoWandb()
+
+    def record(self, step, **fields):
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "time": time.time(), **fields}) + "\n")
+            self.file.flush()
+        if "event" not in fields:
+            self.wandb.log(fields, step=step)
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (what schedulers and spot instances send before taking the machine) and Ctrl-C ask the
+    loop to save its step and end. A second Ctrl-C stops at once (a KeyboardInterrupt that says to rerun `rerun`);
+    it must come a second after the first, since torchrun passes each Ctrl-C on to workers the terminal sent it
+    to. Under DDP the ranks vote, so that all stop after the same step whichever rank got the signal. A context
+    manager: leaving restores the handlers it replaced."""
+
+    def __init__(self, ddp, rerun):
+        self.ddp, self.received = ddp, []
+        self.interrupted = f"interrupted: stopped at once, without saving the current step; rerun {rerun} to resume"
+        self.flag, self.pending = torch.zeros(1, dtype=torch.int32), None
+
+    def on_signal(self, signum, frame):
+        if signum == signal.SIGINT and any(s == signum and time.time() - t > 1.0 for s, t in self.received):
+            raise KeyboardInterrupt(self.interrupted)
+        self.received.append((signum, time.time()))
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.on_signal)
+                         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def vote(self):
+        """Start the ranks' vote (an all-reduce of 'has any rank been signalled?'); it runs while the step computes."""
+        if self.ddp:
+            self.flag.fill_(1 if self.received else 0)
+            self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
+
+    def agreed(self):
+        """Whether to stop after this step: the vote's outcome, the same on every rank."""
+        if not self.ddp:
+            return bool(self.received)
+        self.pending.wait()
+        return bool(self.flag.item())
