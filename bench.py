@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import checkpoint
+import saver
 from configurator import parse, run_main
 from dataset import get_batch, load_dataset
 from device import peak_flops, setup_runtime
@@ -156,22 +157,23 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
         f"{tokens / ours:,.0f} not deterministic")
 
     # 2. what a checkpoint stalls the loop: sync save, async save (the snapshot), a plain copy (the floor)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1, "meta": meta}
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1, "meta": meta,
+             "model_args": SIZES[size]}
     buffers = {}
-    checkpoint.snapshot(state, buffers)  # the first call allocates (pinned on a GPU) buffers that later saves reuse
+    saver.snapshot(state, buffers)  # the first call allocates (pinned on a GPU) buffers that later saves reuse
     nbytes = sum(t.numel() * t.element_size() for t in buffers.values())  # each tensor once: tied weights are one
-    floor, _ = timed(lambda: checkpoint.snapshot(state), sync)  # new, unpinned memory: a plain copy
-    sync_s, _ = timed(lambda: checkpoint.publish(out_dir, 1, checkpoint.snapshot(state, buffers), 0, 0, []), sync)
-    async_s, snap = min((timed(lambda: checkpoint.snapshot(state, buffers), sync) for _ in range(repeats)),
+    floor, _ = timed(lambda: saver.snapshot(state), sync)  # new, unpinned memory: a plain copy
+    sync_s, _ = timed(lambda: saver.publish(out_dir, 1, saver.snapshot(state, buffers), 0, 0, []), sync)
+    async_s, snap = min((timed(lambda: saver.snapshot(state, buffers), sync) for _ in range(repeats)),
                         key=lambda r: r[0])
     add("stall per checkpoint", f"async {async_s * 1e3:,.0f} ms, sync {sync_s * 1e3:,.0f} ms",
         f"plain copy to host memory {floor * 1e3:,.0f} ms",
         "async <= 5% of sync" + (" ok" if async_s <= 0.05 * sync_s else " MISSED"))
 
     # steps while a background save writes, against steps with none
-    with ThreadPoolExecutor(max_workers=1) as saver:
+    with ThreadPoolExecutor(max_workers=1) as writer:
         idle, _ = timed(lambda: [step() for _ in range(steps)], sync)
-        writing = saver.submit(checkpoint.publish, out_dir, 2, snap, 0, 0, [])
+        writing = writer.submit(saver.publish, out_dir, 2, snap, 0, 0, [])
         during, _ = timed(lambda: [step() for _ in range(steps)], sync)
         done_in_time = writing.done()
         writing.result()

@@ -6,9 +6,9 @@ torch.load(path, weights_only=True). It is written under a temporary name, fsync
 a final name is complete. load() checks every record against its CRC32 first, so a file damaged later (cut short
 by a copy, a bit flipped on disk) is refused, never loaded.
 
-In order below: writing (snapshot, save, publish, and Saver, which does it on a thread of its own), reading
-(verify, load, find), and the folder (prune, remove_temporaries, describe: `python checkpoint.py out_dir`). What
-else a run keeps in out_dir (its lock, rewinds, metrics) is outdir.py's.
+In order below: writing (save), reading (verify, load, find), and the folder (prune, remove_temporaries,
+describe: `python checkpoint.py out_dir`). saver.py writes them in the background; what else a run keeps in
+out_dir (its lock, rewinds, metrics) is outdir.py's.
 """
 import mmap
 import os
@@ -18,7 +18,6 @@ import time
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from threading import Event
 
 import torch
 from torch.utils.serialization import config as torch_save_config
@@ -30,6 +29,14 @@ _checkers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # zlib.
 
 class CheckpointError(Exception):
     """A checkpoint that is absent, damaged or unusable: the scripts print it as one line and exit 2."""
+
+
+class ReadError(CheckpointError):
+    """The system could not read a checkpoint (EIO, EMFILE, ENOMEM): not damage, so nothing is set aside for it."""
+
+
+class Vanished(CheckpointError):
+    """A checkpoint deleted while it was read, as a live run's retention does: not damage either."""
 
 
 class SaveCancelled(Exception):
@@ -44,37 +51,9 @@ def list_steps(out_dir):
     """Steps with a published checkpoint in out_dir, oldest first; temporary files never count."""
     if not os.path.isdir(out_dir):
         return []
-    return sorted(int(m.group(1)) for m in map(CKPT_NAME.fullmatch, os.listdir(out_dir)) if m)
-
-
-def snapshot(state, buffers=None):
-    """A host copy of state's tensors (in nested dicts and lists), for a save to write while training goes on
-    changing its own. With a dict of `buffers`, the copies land in the buffers of the last call (pinned when the
-    source is on a GPU, so they copy at full speed); None makes new, unpinned ones. Tied weights stay tied."""
-    pin, buffers, copies, devices = buffers is not None, {} if buffers is None else buffers, {}, set()
-
-    def copy(obj, key):
-        if isinstance(obj, torch.Tensor):
-            source = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
-            if source not in copies:
-                buf = buffers.get(key)
-                if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                    buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=pin and obj.is_cuda)
-                copies[source] = buf.copy_(obj, non_blocking=True)
-                devices.add(obj.device.type)
-            return copies[source]
-        if isinstance(obj, dict):
-            return {k: copy(v, key + (k,)) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(copy(v, key + (i,)) for i, v in enumerate(obj))
-        return obj
-
-    host = copy(state, ())
-    if "cuda" in devices:  # the non_blocking copies must land before the writer thread reads them
-        torch.cuda.synchronize()
-    if "mps" in devices:
-        torch.mps.synchronize()
-    return host
+    # canonical names only: ckpt_00000010.pt is no step's file, and a file this trainer never reads
+    return sorted(int(m.group(1)) for m in map(CKPT_NAME.fullmatch, os.listdir(out_dir))
+                  if m and m.group(0) == os.path.basename(path_for(out_dir, int(m.group(1)))))
 
 
 class _Output:
@@ -129,56 +108,6 @@ def save(out_dir, step, state, cancel=None):
     return path
 
 
-def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None):
-    """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background."""
-    return save(out_dir, step, state, cancel), prune(out_dir, keep_last, keep_every, protect)
-
-
-class Saver:
-    """Writes a run's checkpoints on its own thread, one at a time. save() waits only for a host copy of the state
-    (into buffers kept from one save to the next, pinned for a GPU's tensors); the thread then writes, fsyncs,
-    renames and prunes. A failed save raises at the next save(), poll() or finish(). As a context manager, leaving
-    waits for the save in flight, unless Ctrl-C (then or meanwhile) cancels it: no file is left then."""
-
-    def __init__(self, out_dir, keep_last, keep_every, wait, log=print):
-        self.out_dir, self.keep_last, self.keep_every, self.wait, self.log = out_dir, keep_last, keep_every, wait, log
-        self.thread, self.cancel, self.in_flight, self.buffers = ThreadPoolExecutor(max_workers=1), Event(), None, {}
-
-    def save(self, state, protect):
-        """Checkpoint state["step"], never pruning the steps in `protect`; with wait=True, return once it is on disk."""
-        self.finish()
-        host = snapshot(state, self.buffers)
-        self.in_flight = self.thread.submit(publish, self.out_dir, state["step"], host, self.keep_last,
-                                            self.keep_every, protect, self.cancel)
-        if self.wait:
-            self.finish()
-
-    def poll(self):
-        """Report the save in flight if it has ended: a failure stops the run a step after it happened."""
-        if self.in_flight is not None and self.in_flight.done():
-            self.finish()
-
-    def finish(self):
-        """Wait for the save in flight, if any, and say what it did."""
-        if self.in_flight is not None:
-            future, self.in_flight = self.in_flight, None
-            path, pruned = future.result()
-            self.log(f"saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        try:
-            if kind is KeyboardInterrupt:
-                self.cancel.set()
-            self.thread.shutdown()
-        except KeyboardInterrupt:
-            self.cancel.set()
-            self.thread.shutdown()
-            raise
-
-
 def fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -206,50 +135,73 @@ def verify(path):
 
 
 def load(path):
-    """Verify and load a checkpoint (tensors and plain data only); CheckpointError when it is unusable,
-    including when it holds another step than its name says."""
+    """Verify and load a checkpoint (tensors and plain data only). CheckpointError when it is damaged, not one of
+    ours, or holds another step than its name says; ReadError when the system cannot read it (EIO, EMFILE: the
+    file may be fine); Vanished when it is gone (a live run pruned it)."""
     try:
         problem = verify(path)
-    except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    if problem is None:
-        try:
+        if problem is None:
             # mmap: tensors come straight from the page cache the check just filled, copy-on-write
             state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-        except Exception as e:  # weights_only refuses anything but tensors and plain data
-            problem = f"refused by torch.load(weights_only=True): {str(e).splitlines()[0]}"
-        else:
-            named = CKPT_NAME.fullmatch(os.path.basename(path))
-            if not named or (isinstance(state, dict) and state.get("step") == int(named.group(1))):
-                return state
-            held = state.get("step") if isinstance(state, dict) else None
-            problem = f"it holds step {held!r}, not the step in its name"
+    except FileNotFoundError:
+        raise Vanished(f"checkpoint {path} is gone: deleted while being read") from None
+    except OSError as e:
+        raise ReadError(f"cannot read checkpoint {path}: {e.strerror}; the file itself may be fine") from None
+    except Exception as e:  # weights_only refuses anything but tensors and plain data
+        problem = f"refused by torch.load(weights_only=True): {str(e).splitlines()[0]}"
+    if problem is None:
+        problem = not_ours(state)
+    if problem is None:
+        named = CKPT_NAME.fullmatch(os.path.basename(path))
+        if not named or state["step"] == int(named.group(1)):
+            return state
+        problem = f"it holds step {state['step']!r}, not the step in its name"
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
+
+
+def not_ours(state):
+    """What a loaded file lacks of what every reader relies on (the weights, their shape, the step and the
+    vocabulary), or None: a file of another trainer is refused in one line, not with a KeyError later."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a checkpoint's dict"
+    kinds = {"model": dict, "model_args": dict, "step": int, "meta": dict}
+    missing = [key for key, kind in kinds.items() if not isinstance(state.get(key), kind)]
+    if not missing and not isinstance(state["meta"].get("vocab_size"), int):
+        missing = ["meta's vocab_size"]
+    return f"not a checkpoint of this trainer: it has no {', no '.join(missing)}" if missing else None
 
 
 def find(out_dir, requested, warn=print):
     """The (step, state) to resume: requested=-1 is the newest good checkpoint, skipping damaged ones with a
     warning, or (0, None) when there is none (when there are only damaged ones, an error lists them);
-    N > 0 is exactly step N; 0 is a fresh start."""
+    N > 0 is exactly step N; 0 is a fresh start. A file that a live run deletes while it is read is not damage:
+    the search starts again from what the folder holds now. A read error stops the search (ReadError)."""
     if requested == 0:
         return 0, None
-    steps = list_steps(out_dir)
-    if requested > 0 and requested not in steps:
-        raise CheckpointError(f"no checkpoint for step {requested} in {out_dir} "
-                              f"(steps available: {', '.join(map(str, steps)) or 'none'})")
-    if requested > 0:
-        return requested, load(path_for(out_dir, requested))
-    problems = []
-    for step in reversed(steps):
+    for _ in range(100):  # a live run prunes a file a step; a hundred in a row would be no run of ours
+        steps = list_steps(out_dir)
+        if requested > 0 and requested not in steps:
+            raise CheckpointError(f"no checkpoint for step {requested} in {out_dir} "
+                                  f"(steps available: {', '.join(map(str, steps)) or 'none'})")
+        problems = []
         try:
-            return step, load(path_for(out_dir, step))
-        except CheckpointError as e:
-            warn(f"warning: {e}; trying an older one")
-            problems.append(f"step {step}: {str(e).split(': ', 1)[-1]}")
-    if problems:
-        raise CheckpointError(f"no usable checkpoint in {out_dir} ({'; '.join(problems)}); "
-                              f"--from_checkpoint_step=0 starts over and sets them aside")
-    return 0, None
+            for step in [requested] if requested > 0 else reversed(steps):
+                try:
+                    return step, load(path_for(out_dir, step))
+                except (Vanished, ReadError):
+                    raise
+                except CheckpointError as e:
+                    if requested > 0:
+                        raise
+                    warn(f"warning: {e}; trying an older one")
+                    problems.append(f"step {step}: {str(e).split(': ', 1)[-1]}")
+        except Vanished:
+            continue
+        if problems:
+            raise CheckpointError(f"no usable checkpoint in {out_dir} ({'; '.join(problems)}); "
+                                  f"--from_checkpoint_step=0 starts over and sets them aside")
+        return 0, None
+    raise CheckpointError(f"the checkpoints in {out_dir} vanish as fast as they are read")
 
 
 def find_to_read(out_dir, requested, reader):
@@ -287,20 +239,21 @@ def remove_temporaries(out_dir):
 
 
 def describe(out_dir):
-    """One line per checkpoint: step, when written, train/val loss at that step, size, and whether it verifies."""
+    """(one line per checkpoint: step, when written, train/val loss at that step, size, and whether it verifies;
+    whether all of them do)."""
     lines = [f"{'step':>7}  {'written':19}  {'train loss':>10}  {'val loss':>8}  {'size':>10}  status"]
-    origin, names = "scratch", sorted(os.listdir(out_dir))
+    origin, names, all_ok = "scratch", sorted(os.listdir(out_dir)), True
     for step in list_steps(out_dir):
         path = path_for(out_dir, step)
         try:  # a live run may prune this file while we look
             written, size = os.path.getmtime(path), os.path.getsize(path)
             state = load(path)
-            written, losses, status = state["written_at"], (state["train_loss"], state["val_loss"]), "ok"
-            origin = state.get("origin", origin)
-        except FileNotFoundError:
+            written, status = state.get("written_at", written), "ok"
+            losses, origin = (state.get("train_loss"), state.get("val_loss")), state.get("origin", origin)
+        except (FileNotFoundError, Vanished):
             continue
         except CheckpointError as e:
-            losses, status = (None, None), str(e).split(": ", 1)[-1]
+            losses, status, all_ok = (None, None), str(e).split(": ", 1)[-1], False
         train, val = ("-" if loss is None else f"{loss:.4f}" for loss in losses)
         when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))
         lines.append(f"{step:>7}  {when}  {train:>10}  {val:>8}  {size / 1e6:>7.1f} MB  {status}")
@@ -310,12 +263,18 @@ def describe(out_dir):
                         ("set aside by rewinds", [n for n in names if n.startswith("abandoned-")])):
         if found:
             lines.append(f"{note}: {', '.join(found)}")
-    return "\n".join(lines)
+    return "\n".join(lines), all_ok
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # exit 0: every checkpoint verifies; 1: one does not; 2: bad usage
+    if sys.argv[1:] in (["--help"], ["-h"]):
+        print("usage: python checkpoint.py <out_dir>   (lists the checkpoints in out_dir and verifies each; exit 1 "
+              "when one is damaged)")
+        sys.exit(0)
     if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
         print("usage: python checkpoint.py <out_dir>   (lists the checkpoints in out_dir and verifies each)",
               file=sys.stderr)
         sys.exit(2)
-    print(describe(sys.argv[1]))
+    text, all_ok = describe(sys.argv[1])
+    print(text)
+    sys.exit(0 if all_ok else 1)

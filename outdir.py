@@ -160,69 +160,100 @@ def metrics_path(folder):
     return os.path.join(folder, "metrics.jsonl")
 
 
-def set_aside_newer(out_dir, step):
-    """Rewinding: move checkpoints newer than step into abandoned-<time>/ so 'latest' never mixes two timelines."""
+def write_whole(path, lines):
+    """Replace the file at path with these lines (bytes): a temporary file, fsynced, renamed, the folder fsynced."""
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    checkpoint.fsync_dir(os.path.dirname(path) or ".")
+
+
+def split_metrics(out_dir, step):
+    """metrics.jsonl's lines (bytes) up to `step` and past it. A line that is no record of ours (a note added by
+    hand, bytes that are not UTF-8) is history too: it stays. A last line a crash cut short is dropped."""
+    kept, past = [], []
+    if os.path.exists(metrics_path(out_dir)):
+        with open(metrics_path(out_dir), "rb") as f:
+            lines = f.readlines()
+    else:
+        lines = []
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+            entry_step = entry["step"] if isinstance(entry, dict) and type(entry["step"]) is int else None
+        except (ValueError, KeyError):
+            entry, entry_step = None, None
+        if i == len(lines) - 1 and not line.endswith(b"\n"):
+            if entry is None and line.startswith(b"{"):
+                continue  # torn by a crash mid-write
+            line += b"\n"
+        # a start or resume marked at `step` is marked anew by this run
+        is_past = entry_step is not None and (entry_step > step or (entry_step == step and "event" in entry))
+        (past if is_past else kept).append(line)
+    return kept, past
+
+
+def rewind(out_dir, step):
+    """Make out_dir hold the timeline up to `step` alone, in an order that a kill at any moment cannot make lose
+    anything, and that a rerun completes: (1) a new folder abandoned-<time>/ gets the metrics lines past step,
+    written whole; (2) the newer checkpoints move into it; (3) metrics.jsonl keeps the lines up to step, written
+    whole. With no newer checkpoint only (3) runs: lines past step are then of steps a crash lost, which this run
+    computes again. Returns the abandoned folder, or None."""
     newer = [s for s in checkpoint.list_steps(out_dir) if s > step]
-    if not newer:
-        return None
-    stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
-    folder, n = os.path.join(out_dir, stamp), 1
-    while os.path.exists(folder):  # two rewinds within one second
-        n += 1
-        folder = os.path.join(out_dir, f"{stamp}-{n}")
-    os.makedirs(folder)
-    for s in newer:
-        name = os.path.basename(checkpoint.path_for(out_dir, s))
-        os.replace(os.path.join(out_dir, name), os.path.join(folder, name))
-    checkpoint.fsync_dir(out_dir)
+    kept, past = split_metrics(out_dir, step)
+    folder = None
+    if newer:
+        stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
+        folder, n = os.path.join(out_dir, stamp), 1
+        while os.path.exists(folder):  # two rewinds within one second
+            n += 1
+            folder = os.path.join(out_dir, f"{stamp}-{n}")
+        os.makedirs(folder)
+        write_whole(metrics_path(folder), past)
+        for s in newer:
+            name = os.path.basename(checkpoint.path_for(out_dir, s))
+            os.replace(os.path.join(out_dir, name), os.path.join(folder, name))
+        checkpoint.fsync_dir(out_dir)
+    if past or os.path.exists(metrics_path(out_dir)):
+        write_whole(metrics_path(out_dir), kept)
     return folder
 
 
-def trim_metrics(out_dir, step, abandoned):
-    """metrics.jsonl is the history of the live timeline: its lines past `step` (of an abandoned timeline, or of
-    steps a crash lost, which this run computes again) leave it, into the abandoned folder when there is one;
-    a last line that a crash cut short is dropped."""
-    if not os.path.exists(metrics_path(out_dir)):
-        return
-    kept, past = [], []
-    with open(metrics_path(out_dir)) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                entry = None
-            if entry is not None and line.endswith("\n"):  # else the last line, which a crash cut short
-                # a start or resume marked at `step` is marked anew by this run
-                (past if entry["step"] > step or (entry["step"] == step and "event" in entry) else kept).append(line)
-    for folder, lines in ((abandoned, past), (out_dir, kept)):
-        if folder is not None:
-            with open(metrics_path(folder) + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(metrics_path(folder) + ".tmp", metrics_path(folder))
+def clean_leftovers(out_dir):
+    """Delete what a crash left: half-written checkpoints and metrics files, a rewind's folder it never filled. A
+    folder holding a complete metrics.jsonl stays, even one a rewind killed before its moves (its lines are then
+    copies: losing nothing matters more)."""
+    checkpoint.remove_temporaries(out_dir)
+    for folder in [out_dir] + [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("abandoned-")]:
+        if os.path.exists(metrics_path(folder) + ".tmp"):
+            os.remove(metrics_path(folder) + ".tmp")
+        if folder != out_dir and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def open_out_dir(cfg, step, locked, wandb_run_id, cleanup, log):
-    """Rank 0, once every check has passed: lock a new out_dir, delete what a crash left, set aside the checkpoints
-    of an abandoned timeline (a rewind), trim metrics.jsonl to this one and start wandb when it is on. Returns the
-    run's Metrics."""
+    """Rank 0, once every check has passed: start wandb when it is on (it may fail: before anything on disk
+    changes), lock a new out_dir, clean what a crash left, rewind to `step`, and return the run's Metrics."""
     out_dir = cfg["out_dir"]
+    rewinding = any(s > step for s in checkpoint.list_steps(out_dir))
+    wandb_run = start_wandb(cfg, wandb_run_id, rewinding, log) if cfg["wandb_log"] else None
+    if wandb_run is not None:
+        cleanup.callback(wandb_run.finish)
     try:
         if not locked:  # a new out_dir: lock it, and make sure no other run got there first
             os.makedirs(out_dir, exist_ok=True)
             cleanup.enter_context(lock(out_dir))
             if checkpoint.list_steps(out_dir):
                 raise checkpoint.CheckpointError(f"out_dir {out_dir} got checkpoints from another run meanwhile")
-        checkpoint.remove_temporaries(out_dir)
-        abandoned = set_aside_newer(out_dir, step)
-        trim_metrics(out_dir, step, abandoned)
+        clean_leftovers(out_dir)
+        abandoned = rewind(out_dir, step)
         metrics_file = cleanup.enter_context(open(metrics_path(out_dir), "a"))
     except OSError as e:
         raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
     if abandoned:
         log(f"rewinding to step {step}: moved the newer checkpoints into {abandoned}")
-    wandb_run = start_wandb(cfg, wandb_run_id, abandoned, log) if cfg["wandb_log"] else None
-    if wandb_run is not None:
-        cleanup.callback(wandb_run.finish)
     return Metrics(metrics_file, wandb_run)
 
 
@@ -237,14 +268,14 @@ class NoWandb:
         pass
 
 
-def start_wandb(cfg, run_id, abandoned, log):
+def start_wandb(cfg, run_id, rewinding, log):
     """One wandb run per timeline: a resume continues the checkpoint's run; a fresh start or a rewind starts one."""
     import wandb
-    if abandoned and run_id:
+    if rewinding and run_id:
         log(f"wandb: run {run_id} keeps the abandoned steps; this timeline continues in a new run")
     try:
         return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], resume="allow", config=cfg,
-                          id=run_id if run_id and not abandoned else uuid.uuid4().hex[:8])
+                          id=run_id if run_id and not rewinding else uuid.uuid4().hex[:8])
     except Exception as e:  # not logged in, no network: wandb has many kinds of error
         raise ConfigError(f"wandb_log=True, but wandb cannot start: {type(e).__name__}: {' '.join(str(e).split())}; "
                           f"try WANDB_MODE=offline") from None
@@ -258,29 +289,36 @@ class Metrics:
         self.file, self.wandb = file, wandb_run or NoWandb()
 
     def record(self, step, **fields):
-        if self.file is not None:
-            self.file.write(json.dumps({"step": step, "time": time.time(), **fields}) + "\n")
-            self.file.flush()
+        if self.file is not None:  # fsynced as checkpoints are: a crash loses no line a checkpoint has
+            try:
+                self.file.write(json.dumps({"step": step, "time": time.time(), **fields}) + "\n")
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            except OSError as e:
+                raise checkpoint.CheckpointError(f"cannot write {self.file.name}: {e.strerror}") from None
         if "event" not in fields:
             self.wandb.log(fields, step=step)
 
 
 class StopSignals:
     """SIGTERM and SIGUSR1 (what schedulers and spot instances send before taking the machine) and Ctrl-C ask the
-    loop to save its step and end. A second Ctrl-C stops at once (a KeyboardInterrupt that says to rerun `rerun`);
+    loop to save its step and end. A second Ctrl-C stops at once (a KeyboardInterrupt that says what to rerun);
     it must come a second after the first, since torchrun passes each Ctrl-C on to workers the terminal sent it
     to. Under DDP the ranks vote, so that all stop after the same step whichever rank got the signal. A context
     manager: leaving restores the handlers it replaced."""
 
-    def __init__(self, ddp, rerun):
+    def __init__(self, ddp, rewinds):
         self.ddp, self.received = ddp, []
-        self.interrupted = f"interrupted: stopped at once, without saving the current step; rerun {rerun} to resume"
+        # a rewind's command, run again, would rewind again and set aside what this run saved
+        self.rerun = "it without --from_checkpoint_step, which would rewind again," if rewinds else "the same command"
+        self.interrupted = (f"interrupted: stopped at once, without saving the current step; "
+                            f"rerun {self.rerun} to resume")
         self.flag, self.pending = torch.zeros(1, dtype=torch.int32), None
 
     def on_signal(self, signum, frame):
-        if signum == signal.SIGINT and any(s == signum and time.time() - t > 1.0 for s, t in self.received):
+        if signum == signal.SIGINT and any(s == signum and time.monotonic() - t > 1.0 for s, t in self.received):
             raise KeyboardInterrupt(self.interrupted)
-        self.received.append((signum, time.time()))
+        self.received.append((signum, time.monotonic()))
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self.on_signal)

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import outdir
+from saver import Saver
 from configurator import ConfigError, check_ranges, parse, run_main
 from dataset import (EVAL_STREAM, TRAIN_STREAM, batch_starts, get_batch, load_dataset, micro_seed,
                      model_vocab_size)
@@ -183,9 +184,8 @@ def run(argv, cleanup):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     outdir.check_out_dir(cfg)
-    # a rewind's command, run again, would rewind again and set aside what this run saved
-    rerun = "it without --from_checkpoint_step, which would rewind again," \
-        if cfg["from_checkpoint_step"] != -1 else "the same command"
+    # from here on a signal asks the run to stop after its first step: start-up is never cut short
+    stops = cleanup.enter_context(outdir.StopSignals(ddp, rewinds=cfg["from_checkpoint_step"] != -1))
     if ddp:  # gloo carries the few control messages on any device; CUDA gradients get NCCL below
         dist.init_process_group(backend="gloo")
         cleanup.callback(dist.destroy_process_group)
@@ -236,14 +236,12 @@ def run(argv, cleanup):
         log(f"note: dtype={dtype} on a CPU runs under autocast, often slower than float32")
 
     # ---- every check has passed: only now is anything written ----
-    metrics = outdir.Metrics()  # rank 0 writes metrics.jsonl; the other ranks log nothing
-    if master:
-        metrics = outdir.open_out_dir(cfg, start_step, locked, loop["wandb_run_id"], cleanup, log)
-        loop["wandb_run_id"] = metrics.wandb.id or loop["wandb_run_id"]
-    stops = cleanup.enter_context(outdir.StopSignals(ddp, rerun))
+    metrics = outdir.open_out_dir(cfg, start_step, locked, loop["wandb_run_id"], cleanup, log) \
+        if master else outdir.Metrics()  # rank 0 alone writes: metrics.jsonl, wandb, checkpoints
+    loop["wandb_run_id"] = metrics.wandb.id or loop["wandb_run_id"]
     # whatever ends the run waits for the save in flight (entered last, so it is left first)
-    saver = cleanup.enter_context(checkpoint.Saver(cfg["out_dir"], cfg["keep_last_checkpoints"],
-                                                   cfg["keep_every"], not cfg["async_checkpoint"]))
+    saves = cleanup.enter_context(Saver(cfg["out_dir"], cfg["keep_last_checkpoints"], cfg["keep_every"],
+                                        not cfg["async_checkpoint"]))
 
     # ---- the loop ----
     B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
@@ -264,7 +262,7 @@ def run(argv, cleanup):
         + ("; compiling the model first (a minute for GPT-2 124M on a GPU)" if use_compile else ""))
     metrics.record(step, event="resume" if start_step else "start")
     x, y = batch(step, 0)
-    t0, steps_timed = time.time(), 0  # ms/step counts training alone, not evals or saves
+    t0, steps_timed = time.perf_counter(), 0  # ms/step counts training alone, not evals or saves
     while step < cfg["max_iters"]:
         stops.vote()  # the ranks vote on stopping while this step computes; read after the step
         lr = get_lr(step, cfg)
@@ -296,7 +294,7 @@ def run(argv, cleanup):
         do_eval = master and (step % cfg["eval_interval"] == 0 or last)
         if do_log:
             loss_now = loss.item() * local_accum  # the loop's one host-device sync: a micro-batch's
-            dt = (time.time() - t0) / steps_timed
+            dt = (time.perf_counter() - t0) / steps_timed
             mfu = peak and raw_model.estimate_mfu(tokens_per_step / dt, peak * world_size)
             left = int(dt * (cfg["max_iters"] - step))  # evals and saves come on top
             log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
@@ -315,12 +313,12 @@ def run(argv, cleanup):
         # nanoGPT's always_save_checkpoint=False: also save where the val loss is the best yet
         do_save = master and (step % cfg["checkpoint_interval"] == 0 or last or stop
                               or (improved and not cfg["always_save_checkpoint"]))
-        saver.poll()  # a save that ended says so; one that failed stops the run here
+        saves.poll()  # a save that ended says so; one that failed stops the run here
         if do_save:
             best = loop["best_checkpoint"]
             if losses and (best is None or losses["val"] < best[0]):
                 loop["best_checkpoint"] = best = [losses["val"], step]
-            saver.save({
+            saves.save({
                 "model": raw_model.state_dict(),  # clean names: no DDP module., compile _orig_mod.
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
@@ -335,11 +333,11 @@ def run(argv, cleanup):
                 **loop,  # no RNG state: the seed and the step determine every batch and mask
             }, protect=[start_step] + ([best[1]] if cfg["keep_best"] and best else []))
         if do_log or do_eval or do_save:
-            t0, steps_timed = time.time(), 0
+            t0, steps_timed = time.perf_counter(), 0
         if stop:
-            log(f"stopped by a signal after step {step}; rerun {rerun} to resume")
+            log(f"stopped by a signal after step {step}; rerun {stops.rerun} to resume")
             break
-    saver.finish()  # the last checkpoint is on disk before the process exits
+    saves.finish()  # the last checkpoint is on disk before the process exits
     if ddp:  # the ranks leave together, and DDP lets go of the group before it is destroyed: a
         dist.barrier()  # rank tearing gloo down while rank 0 still saved was once seen to abort
         del model

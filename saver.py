@@ -1,0 +1,91 @@
+"""
+Checkpoints written in the background, so that a save costs the loop only a copy of the state to host memory.
+snapshot makes that copy (into buffers kept from one save to the next, pinned for a GPU's tensors, tied weights
+kept tied); publish writes it with checkpoint.save and prunes the folder; a Saver does both on a thread of its own,
+one save at a time, reports each, and raises a failed one in the loop a step later. Leaving a Saver (it is a
+context manager) waits for the save in flight, unless Ctrl-C, then or meanwhile, cancels it: no file is left then.
+"""
+from concurrent.futures import ThreadPoolExecutor
+from threading import Event
+
+import torch
+
+import checkpoint
+
+
+def snapshot(state, buffers=None):
+    """A host copy of state's tensors (in nested dicts and lists), for a save to write while training goes on
+    changing its own. With a dict of `buffers`, the copies land in the buffers of the last call (pinned when the
+    source is on a GPU, so they copy at full speed); None makes new, unpinned ones. Tied weights stay tied."""
+    pin, buffers, copies, devices = buffers is not None, {} if buffers is None else buffers, {}, set()
+
+    def copy(obj, key):
+        if isinstance(obj, torch.Tensor):
+            source = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
+            if source not in copies:
+                buf = buffers.get(key)
+                if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                    buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=pin and obj.is_cuda)
+                copies[source] = buf.copy_(obj, non_blocking=True)
+                devices.add(obj.device.type)
+            return copies[source]
+        if isinstance(obj, dict):
+            return {k: copy(v, key + (k,)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(copy(v, key + (i,)) for i, v in enumerate(obj))
+        return obj
+
+    host = copy(state, ())
+    if "cuda" in devices:  # the non_blocking copies must land before the writer thread reads them
+        torch.cuda.synchronize()
+    if "mps" in devices:
+        torch.mps.synchronize()
+    return host
+
+
+def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None):
+    """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background."""
+    return checkpoint.save(out_dir, step, state, cancel), checkpoint.prune(out_dir, keep_last, keep_every, protect)
+
+
+class Saver:
+    """Writes a run's checkpoints on its own thread, one at a time: save() waits only for the snapshot. A failed
+    save raises at the next save(), poll() or finish()."""
+
+    def __init__(self, out_dir, keep_last, keep_every, wait, log=print):
+        self.out_dir, self.keep_last, self.keep_every, self.wait, self.log = out_dir, keep_last, keep_every, wait, log
+        self.thread, self.cancel, self.in_flight, self.buffers = ThreadPoolExecutor(max_workers=1), Event(), None, {}
+
+    def save(self, state, protect):
+        """Checkpoint state["step"], never pruning the steps in `protect`; with wait=True, return once it is on disk."""
+        self.finish()
+        host = snapshot(state, self.buffers)
+        self.in_flight = self.thread.submit(publish, self.out_dir, state["step"], host, self.keep_last,
+                                            self.keep_every, protect, self.cancel)
+        if self.wait:
+            self.finish()
+
+    def poll(self):
+        """Report the save in flight if it has ended: a failure stops the run a step after it happened."""
+        if self.in_flight is not None and self.in_flight.done():
+            self.finish()
+
+    def finish(self):
+        """Wait for the save in flight, if any, and say what it did."""
+        if self.in_flight is not None:
+            future, self.in_flight = self.in_flight, None
+            path, pruned = future.result()
+            self.log(f"saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            if kind is KeyboardInterrupt:
+                self.cancel.set()
+            self.thread.shutdown()
+        except KeyboardInterrupt:
+            self.cancel.set()
+            self.thread.shutdown()
+            raise
