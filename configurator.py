@@ -13,6 +13,7 @@ where a float is expected); a key whose default is None takes any literal.
 """
 import ast
 import difflib
+import math
 import os
 import re
 import sys
@@ -147,6 +148,8 @@ def check_type(key, value, default, where):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not (abs(value) < 1e308 and math.isfinite(value)):  # a nan learning rate trains to nan
+            raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
         value = float(value) if ok else value
     else:
         ok = type(value) is type(default)

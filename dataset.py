@@ -52,9 +52,9 @@ def prepare(name, folder, paths):
 
 def load_dataset(name, block_size, trained_on=None):
     """Prepare the dataset if it is not yet, check all that training relies on, and return (meta, train, val,
-    fingerprint). The fingerprint (vocabulary, token dtype, sizes, a hash of meta.json and of 32 spread 64 KiB
-    blocks per file) identifies the data cheaply, even for 17 GB files. trained_on, a resume's (step, fingerprint):
-    other data is refused, and the same data skips the scan of every token id, done when the run began."""
+    fingerprint). The fingerprint (vocabulary, token dtype, sizes, a hash of every byte of each file, and an older
+    one of meta.json and 32 spread blocks) identifies the data: trained_on, a resume's (step, fingerprint), refuses
+    other data, and the same data skips the scan of every token id, done when the run began."""
     folder = dataset_dir(name)
     paths = [os.path.join(folder, f) for f in ("train.bin", "val.bin", "meta.json")]
     prepare(name, folder, paths)
@@ -89,10 +89,11 @@ def load_dataset(name, block_size, trained_on=None):
         arrays.append(data)
     fingerprint = {"vocab_size": meta["vocab_size"], "dtype": str(dtype),
                    "train.bin bytes": os.path.getsize(paths[0]), "val.bin bytes": os.path.getsize(paths[1]),
-                   "sampled sha256": digest.hexdigest()}
+                   "sampled sha256": digest.hexdigest(), **whole_file_hashes(folder, paths[:2])}
     step, known = trained_on or (None, None)
-    if known is not None and known != fingerprint:
-        changes = [f"{k} {known.get(k)} -> {v}" for k, v in fingerprint.items() if known.get(k) != v]
+    # a checkpoint written before the whole-file hashes were has the other keys only: those are compared
+    if known is not None and any(known[k] != v for k, v in fingerprint.items() if k in known):
+        changes = [f"{k} {known.get(k)} -> {v}" for k, v in fingerprint.items() if k in known and known[k] != v]
         raise ConfigError(f"dataset {name} is not the data step {step} was trained on ({'; '.join(changes)}); "
                           f"to train these weights on other data, start a new run")
     if known is None:  # every id once, so that no batch indexes past the embedding mid-run
@@ -117,6 +118,42 @@ def model_vocab_size(cfg, meta, init_vocab=None, log=print):
         log(f"warning: dataset {cfg['dataset']}'s vocabulary is not init_from's: the weights will read its token "
             f"ids as other characters or words")
     return vocab_size
+
+
+def whole_file_hashes(folder, paths):
+    """{"<file> sha256": hash of every byte} for these files. Hashing 17 GB takes a minute, so a hash is computed
+    once and remembered in the folder's fingerprints.json by the file's identity (inode, size, mtime and ctime: a
+    write changes ctime, which no tool can set back); a folder we cannot write in just hashes every time."""
+    cache_path = os.path.join(folder, "fingerprints.json")
+    try:
+        with open(cache_path) as f:
+            cache = json.load(f)
+        assert isinstance(cache, dict)
+    except (OSError, ValueError, AssertionError):
+        cache = {}
+    hashes, changed = {}, False
+    for path in paths:
+        st = os.stat(path)
+        identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        name = os.path.basename(path)
+        entry = cache.get(name)
+        if not (isinstance(entry, dict) and entry.get("identity") == identity):
+            digest, buf = hashlib.sha256(), bytearray(8 << 20)
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    digest.update(memoryview(buf)[:n])
+            entry = cache[name] = {"identity": identity, "sha256": digest.hexdigest()}
+            changed = True
+        hashes[f"{name} sha256"] = entry["sha256"]
+    if changed:
+        try:  # under a temporary name of its own, so that ranks preparing together never read half a file
+            tmp = f"{cache_path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(cache, f)
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass  # a read-only dataset: hashed again next time
+    return hashes
 
 
 def batch_starts(seed, stream, step, rows, n_tokens, block_size):

@@ -1,18 +1,17 @@
 """
-A run's life in its out_dir, apart from the checkpoint files themselves (checkpoint.py's): one run per folder (an
-flock on train.lock), the step to start from, chosen by rank 0 and told to every rank, what a resume inherits from
-its checkpoint and a fresh start from init_from, rewinds (newer checkpoints set aside, metrics.jsonl trimmed to the
-live timeline), the metrics log (metrics.jsonl, and wandb or a stand-in that does nothing), and the signals that
-stop a run, with the vote that makes every DDP rank stop after the same step. Nothing here writes before
-open_out_dir, which train.py calls once every check has passed.
+A run's life in its out_dir, apart from the checkpoint files themselves (checkpoint.py's) and its log (logs.py's):
+one run per folder (an flock on train.lock, and a check that the folder is still the one locked), the step to
+start from, chosen by rank 0 and told to every rank, which must all have been given the same config, what a
+resume inherits from its checkpoint and a fresh start from init_from, rewinds (newer checkpoints and their
+metrics set aside, in an order a kill cannot make lose anything), and the signals that stop a run, with the vote
+that makes every DDP rank stop after the same step. Nothing here writes before open_out_dir, which train.py calls
+once every check has passed.
 """
 import fcntl
-import json
 import os
 import signal
 import socket
 import time
-import uuid
 
 import torch
 import torch.distributed as dist
@@ -20,6 +19,7 @@ import torch.distributed as dist
 import checkpoint
 from configurator import ConfigError
 from hf_gpt2 import GPT2_HUB_NAMES, load_hf_gpt2
+from logs import Metrics, metrics_path, split_metrics, start_wandb, write_whole
 
 RUN_KEYS = ("out_dir", "from_checkpoint_step", "init_from", "eval_only")  # this command's alone, never inherited
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # the model's, from its weights
@@ -51,15 +51,42 @@ def lock(out_dir):
     return f
 
 
+class Guard:
+    """Called before each write into out_dir: CheckpointError unless out_dir/train.lock is still the file this run
+    locked. A folder deleted and made anew, or a train.lock deleted or replaced, has another run's files now (or
+    soon): writing or pruning there would mix two runs in one folder."""
+
+    def __init__(self, out_dir, lock_file):
+        self.out_dir, self.held = out_dir, os.fstat(lock_file.fileno())
+
+    def __call__(self):
+        try:
+            now = os.stat(os.path.join(self.out_dir, LOCK_NAME))
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (self.held.st_dev, self.held.st_ino):
+            raise checkpoint.CheckpointError(f"out_dir {self.out_dir} is no longer the folder this run locked (it, "
+                                             f"or its {LOCK_NAME}, was deleted or replaced): stopped without "
+                                             f"writing there")
+
+
 def resolve_start(cfg, given, ddp, master, cleanup, log):
     """Rank 0 locks out_dir (one run per folder; eval_only only reads) and picks the checkpoint to resume; it tells
     the other ranks, so every rank resumes the same step, and a resume takes its config (continue_run). Returns
-    (step, state or None, whether out_dir is locked)."""
-    choice, state, locked = {"step": 0, "error": None}, None, False
+    (step, state or None, the open lock file or None)."""
+    if ddp:  # one job, one command: ranks told another max_iters would hang, another seed train two runs as one
+        configs = [None] * dist.get_world_size()  # from_checkpoint_step aside: rank 0 chooses, the others follow
+        dist.all_gather_object(configs, {k: v for k, v in cfg.items() if k != "from_checkpoint_step"})
+        differ = [k for k in configs[0] if any(c.get(k) != configs[0][k] for c in configs)]
+        if differ:
+            ranks = [r for r, c in enumerate(configs) if c != configs[0]]
+            raise ConfigError(f"the ranks of this job were given different configs: {', '.join(differ)} differ "
+                              f"between rank 0 and rank {ranks[0]}; start every node with the same command")
+    choice, state, locked = {"step": 0, "error": None}, None, None
     if master:
         try:
             if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # else locked when writing starts
-                locked = bool(cleanup.enter_context(lock(cfg["out_dir"])))
+                locked = cleanup.enter_context(lock(cfg["out_dir"]))
             choice["step"], state = checkpoint.find(cfg["out_dir"], cfg["from_checkpoint_step"], warn=print)
         except checkpoint.CheckpointError as e:
             choice["error"] = str(e)
@@ -102,6 +129,10 @@ def check_out_dir(cfg):
 def continue_run(cfg, given, state):
     """A resume continues the same run: every key but RUN_KEYS comes from the checkpoint's config unless this
     command sets it, and the model has the checkpoint's shape. Updates cfg; returns what the command changed."""
+    missing = [key for key in ("optimizer", "config") if not isinstance(state.get(key), dict)]
+    if missing:
+        raise checkpoint.CheckpointError(f"checkpoint step {state['step']} has weights but no {' or '.join(missing)}"
+                                         f": it cannot be resumed; init_from=<the file> starts a run from its weights")
     changed = [f"{k}: {state['config'].get(k)!r} -> {cfg[k]!r}" for k in sorted(given - set(RUN_KEYS))
                if k in state["config"] and state["config"][k] != cfg[k]]
     cfg |= {k: v for k, v in state["config"].items() if k in cfg and k not in given and k not in RUN_KEYS}
@@ -156,45 +187,6 @@ def init_weights(cfg, given):
     return init
 
 
-def metrics_path(folder):
-    return os.path.join(folder, "metrics.jsonl")
-
-
-def write_whole(path, lines):
-    """Replace the file at path with these lines (bytes): a temporary file, fsynced, renamed, the folder fsynced."""
-    with open(path + ".tmp", "wb") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    checkpoint.fsync_dir(os.path.dirname(path) or ".")
-
-
-def split_metrics(out_dir, step):
-    """metrics.jsonl's lines (bytes) up to `step` and past it. A line that is no record of ours (a note added by
-    hand, bytes that are not UTF-8) is history too: it stays. A last line a crash cut short is dropped."""
-    kept, past = [], []
-    if os.path.exists(metrics_path(out_dir)):
-        with open(metrics_path(out_dir), "rb") as f:
-            lines = f.readlines()
-    else:
-        lines = []
-    for i, line in enumerate(lines):
-        try:
-            entry = json.loads(line)
-            entry_step = entry["step"] if isinstance(entry, dict) and type(entry["step"]) is int else None
-        except (ValueError, KeyError):
-            entry, entry_step = None, None
-        if i == len(lines) - 1 and not line.endswith(b"\n"):
-            if entry is None and line.startswith(b"{"):
-                continue  # torn by a crash mid-write
-            line += b"\n"
-        # a start or resume marked at `step` is marked anew by this run
-        is_past = entry_step is not None and (entry_step > step or (entry_step == step and "event" in entry))
-        (past if is_past else kept).append(line)
-    return kept, past
-
-
 def rewind(out_dir, step):
     """Make out_dir hold the timeline up to `step` alone, in an order that a kill at any moment cannot make lose
     anything, and that a rerun completes: (1) a new folder abandoned-<time>/ gets the metrics lines past step,
@@ -235,16 +227,17 @@ def clean_leftovers(out_dir):
 
 def open_out_dir(cfg, step, locked, wandb_run_id, cleanup, log):
     """Rank 0, once every check has passed: start wandb when it is on (it may fail: before anything on disk
-    changes), lock a new out_dir, clean what a crash left, rewind to `step`, and return the run's Metrics."""
+    changes), lock a new out_dir, clean what a crash left, rewind to `step`. Returns the run's Metrics and the
+    Guard that every later write checks first."""
     out_dir = cfg["out_dir"]
     rewinding = any(s > step for s in checkpoint.list_steps(out_dir))
     wandb_run = start_wandb(cfg, wandb_run_id, rewinding, log) if cfg["wandb_log"] else None
     if wandb_run is not None:
         cleanup.callback(wandb_run.finish)
     try:
-        if not locked:  # a new out_dir: lock it, and make sure no other run got there first
+        if locked is None:  # a new out_dir: lock it, and make sure no other run got there first
             os.makedirs(out_dir, exist_ok=True)
-            cleanup.enter_context(lock(out_dir))
+            locked = cleanup.enter_context(lock(out_dir))
             if checkpoint.list_steps(out_dir):
                 raise checkpoint.CheckpointError(f"out_dir {out_dir} got checkpoints from another run meanwhile")
         clean_leftovers(out_dir)
@@ -254,50 +247,8 @@ def open_out_dir(cfg, step, locked, wandb_run_id, cleanup, log):
         raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
     if abandoned:
         log(f"rewinding to step {step}: moved the newer checkpoints into {abandoned}")
-    return Metrics(metrics_file, wandb_run)
-
-
-class NoWandb:
-    """wandb's stand-in when wandb_log is off: the same calls, doing nothing."""
-    id = None
-
-    def log(self, fields, step):
-        pass
-
-    def finish(self):
-        pass
-
-
-def start_wandb(cfg, run_id, rewinding, log):
-    """One wandb run per timeline: a resume continues the checkpoint's run; a fresh start or a rewind starts one."""
-    import wandb
-    if rewinding and run_id:
-        log(f"wandb: run {run_id} keeps the abandoned steps; this timeline continues in a new run")
-    try:
-        return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], resume="allow", config=cfg,
-                          id=run_id if run_id and not rewinding else uuid.uuid4().hex[:8])
-    except Exception as e:  # not logged in, no network: wandb has many kinds of error
-        raise ConfigError(f"wandb_log=True, but wandb cannot start: {type(e).__name__}: {' '.join(str(e).split())}; "
-                          f"try WANDB_MODE=offline") from None
-
-
-class Metrics:
-    """The run's log: lines of metrics.jsonl (rank 0's file; None on the other ranks) and wandb's run (or NoWandb).
-    wandb drops steps it has seen, so the steps a crash lost and this run computes again are not logged twice."""
-
-    def __init__(self, file=None, wandb_run=None):
-        self.file, self.wandb = file, wandb_run or NoWandb()
-
-    def record(self, step, **fields):
-        if self.file is not None:  # fsynced as checkpoints are: a crash loses no line a checkpoint has
-            try:
-                self.file.write(json.dumps({"step": step, "time": time.time(), **fields}) + "\n")
-                self.file.flush()
-                os.fsync(self.file.fileno())
-            except OSError as e:
-                raise checkpoint.CheckpointError(f"cannot write {self.file.name}: {e.strerror}") from None
-        if "event" not in fields:
-            self.wandb.log(fields, step=step)
+    guard = Guard(out_dir, locked)
+    return Metrics(metrics_file, wandb_run, guard), guard
 
 
 class StopSignals:

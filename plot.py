@@ -14,26 +14,32 @@ import sys
 USAGE = "usage: python plot.py OUT_DIR [--output=PATH]   (default PATH: OUT_DIR/loss.png)"
 
 
+LOSSES = ("loss", "train_loss", "val_loss")
+
+
 class PlotError(Exception):
     """Bad input: printed as one line on stderr, exit code 2."""
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl, in file order. A crash mid-write can tear the last line: that one is skipped."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    records = []
+    """(the records of a metrics.jsonl in file order, the numbers of the lines skipped). metrics.jsonl is history:
+    a line that is no record (a note added by hand, bytes that are not UTF-8, a last line a crash tore) is skipped,
+    never a reason to draw nothing."""
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.splitlines()
+    records, skipped = [], []
     for i, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines):
-                break
-            raise PlotError(f"{path}, line {i}: not valid JSON") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise PlotError(f"{path}, line {i}: not a JSON object with a step")
-        records.append(record)
-    return records
+        except ValueError:  # UnicodeDecodeError too
+            record = None
+        numbers = isinstance(record, dict) and all(isinstance(record.get(k, 0.0), (int, float)) for k in LOSSES)
+        if numbers and type(record.get("step")) is int:
+            records.append(record)
+        elif line.strip() and not (i == len(lines) and not data.endswith(b"\n")):  # a last line a crash tore
+            skipped.append(i)
+    return records, skipped
 
 
 def main(argv):
@@ -49,8 +55,11 @@ def main(argv):
         raise PlotError(f"no folder {out_dir}")
     if not os.path.isfile(path):
         raise PlotError(f"no {path} (train.py writes it as it runs)")
-    records = read_metrics(path)
-    if not any(key in r for r in records for key in ("loss", "train_loss", "val_loss")):
+    records, skipped = read_metrics(path)
+    if skipped:
+        print(f"warning: {path}: skipped line{'s' * (len(skipped) > 1)} {', '.join(map(str, skipped[:5]))}"
+              f"{' and more' if len(skipped) > 5 else ''}: not a record of train.py's", file=sys.stderr)
+    if not any(key in r for r in records for key in LOSSES):
         raise PlotError(f"no losses in {path} yet")
     try:
         import matplotlib

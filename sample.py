@@ -49,6 +49,8 @@ def main(argv):
     cfg, _ = parse(CONFIG, argv)
     check_device(cfg["device"], cfg["dtype"])
     check_ranges(cfg, positive=("num_samples", "max_new_tokens"))
+    if not 0 <= cfg["seed"] < 2 ** 63:  # what torch.manual_seed takes, and train.py's seeds
+        raise ConfigError(f"seed must be in [0, 2**63), got {cfg['seed']}")
     if cfg["temperature"] <= 0.0 or cfg["top_k"] < 0:
         raise ConfigError(f"temperature must be positive and top_k not negative, got {cfg['temperature']} "
                           f"and {cfg['top_k']}")
@@ -59,6 +61,8 @@ def main(argv):
                 start = f.read()
         except OSError as e:
             raise ConfigError(f"start: cannot read {start[5:]}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"start: {start[5:]} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     step, state = checkpoint.find_to_read(cfg["out_dir"], cfg["from_checkpoint_step"], "sample from")
     encode, decode = tokenizer(state["meta"])
     ids = encode(start)

@@ -43,17 +43,22 @@ def snapshot(state, buffers=None):
     return host
 
 
-def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None):
-    """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background."""
-    return checkpoint.save(out_dir, step, state, cancel), checkpoint.prune(out_dir, keep_last, keep_every, protect)
+def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None, guard=lambda: None):
+    """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background. guard()
+    runs before each, to refuse a folder that is no longer this run's (outdir.Guard)."""
+    guard()
+    path = checkpoint.save(out_dir, step, state, cancel)
+    guard()
+    return path, checkpoint.prune(out_dir, keep_last, keep_every, protect)
 
 
 class Saver:
     """Writes a run's checkpoints on its own thread, one at a time: save() waits only for the snapshot. A failed
     save raises at the next save(), poll() or finish()."""
 
-    def __init__(self, out_dir, keep_last, keep_every, wait, log=print):
+    def __init__(self, out_dir, keep_last, keep_every, wait, guard=lambda: None, log=print):
         self.out_dir, self.keep_last, self.keep_every, self.wait, self.log = out_dir, keep_last, keep_every, wait, log
+        self.guard = guard or (lambda: None)
         self.thread, self.cancel, self.in_flight, self.buffers = ThreadPoolExecutor(max_workers=1), Event(), None, {}
 
     def save(self, state, protect):
@@ -61,7 +66,7 @@ class Saver:
         self.finish()
         host = snapshot(state, self.buffers)
         self.in_flight = self.thread.submit(publish, self.out_dir, state["step"], host, self.keep_last,
-                                            self.keep_every, protect, self.cancel)
+                                            self.keep_every, protect, self.cancel, self.guard)
         if self.wait:
             self.finish()
 

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import outdir
+from logs import Metrics
 from saver import Saver
 from configurator import ConfigError, check_ranges, parse, run_main
 from dataset import (EVAL_STREAM, TRAIN_STREAM, batch_starts, get_batch, load_dataset, micro_seed,
@@ -147,7 +148,7 @@ def build_model(cfg, model_args, device, dtype, init, state):
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         model.load_state_dict(state["model"])
-        if scaler.is_enabled() and state["scaler"]:  # a switch to float16 starts a new loss scale
+        if scaler.is_enabled() and state.get("scaler"):  # a switch to float16 starts a new loss scale
             scaler.load_state_dict(state["scaler"])
     return model, optimizer, scaler
 
@@ -236,12 +237,12 @@ def run(argv, cleanup):
         log(f"note: dtype={dtype} on a CPU runs under autocast, often slower than float32")
 
     # ---- every check has passed: only now is anything written ----
-    metrics = outdir.open_out_dir(cfg, start_step, locked, loop["wandb_run_id"], cleanup, log) \
-        if master else outdir.Metrics()  # rank 0 alone writes: metrics.jsonl, wandb, checkpoints
+    metrics, guard = outdir.open_out_dir(cfg, start_step, locked, loop["wandb_run_id"], cleanup, log) \
+        if master else (Metrics(), None)  # rank 0 alone writes: metrics.jsonl, wandb, checkpoints
     loop["wandb_run_id"] = metrics.wandb.id or loop["wandb_run_id"]
     # whatever ends the run waits for the save in flight (entered last, so it is left first)
     saves = cleanup.enter_context(Saver(cfg["out_dir"], cfg["keep_last_checkpoints"], cfg["keep_every"],
-                                        not cfg["async_checkpoint"]))
+                                        not cfg["async_checkpoint"], guard))
 
     # ---- the loop ----
     B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]

@@ -1,0 +1,96 @@
+"""
+A run's log: metrics.jsonl in its out_dir, one JSON object a line ({"step": ..., "time": ..., and what was
+measured}), appended and fsynced by rank 0, and Weights & Biases when wandb_log is on (NoWandb stands in when it
+is off, so the loop calls one thing either way). metrics.jsonl is the history of the live timeline: a rewind
+(outdir.py) splits it with split_metrics. A line that is no record of ours, a note added by hand say, is kept.
+"""
+import json
+import os
+import time
+import uuid
+
+import checkpoint
+from configurator import ConfigError
+
+
+def metrics_path(folder):
+    return os.path.join(folder, "metrics.jsonl")
+
+
+def write_whole(path, lines):
+    """Replace the file at path with these lines (bytes): a temporary file, fsynced, renamed, the folder fsynced."""
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    checkpoint.fsync_dir(os.path.dirname(path) or ".")
+
+
+def split_metrics(out_dir, step):
+    """metrics.jsonl's lines (bytes) up to `step` and past it. A line that is no record of ours (a note added by
+    hand, bytes that are not UTF-8) is history too: it stays. A last line a crash cut short is dropped."""
+    kept, past = [], []
+    if os.path.exists(metrics_path(out_dir)):
+        with open(metrics_path(out_dir), "rb") as f:
+            lines = f.readlines()
+    else:
+        lines = []
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+            entry_step = entry["step"] if isinstance(entry, dict) and type(entry["step"]) is int else None
+        except (ValueError, KeyError):
+            entry, entry_step = None, None
+        if i == len(lines) - 1 and not line.endswith(b"\n"):
+            if entry is None and line.startswith(b"{"):
+                continue  # torn by a crash mid-write
+            line += b"\n"
+        # a start or resume marked at `step` is marked anew by this run
+        is_past = entry_step is not None and (entry_step > step or (entry_step == step and "event" in entry))
+        (past if is_past else kept).append(line)
+    return kept, past
+
+
+class NoWandb:
+    """wandb's stand-in when wandb_log is off: the same calls, doing nothing."""
+    id = None
+
+    def log(self, fields, step):
+        pass
+
+    def finish(self):
+        pass
+
+
+def start_wandb(cfg, run_id, rewinding, log):
+    """One wandb run per timeline: a resume continues the checkpoint's run; a fresh start or a rewind starts one."""
+    import wandb
+    if rewinding and run_id:
+        log(f"wandb: run {run_id} keeps the abandoned steps; this timeline continues in a new run")
+    try:
+        return wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], resume="allow", config=cfg,
+                          id=run_id if run_id and not rewinding else uuid.uuid4().hex[:8])
+    except Exception as e:  # not logged in, no network: wandb has many kinds of error
+        raise ConfigError(f"wandb_log=True, but wandb cannot start: {type(e).__name__}: {' '.join(str(e).split())}; "
+                          f"try WANDB_MODE=offline") from None
+
+
+class Metrics:
+    """The run's log: lines of metrics.jsonl (rank 0's file; None on the other ranks) and wandb's run (or NoWandb).
+    wandb drops steps it has seen, so the steps a crash lost and this run computes again are not logged twice."""
+
+    def __init__(self, file=None, wandb_run=None, guard=lambda: None):
+        self.file, self.wandb, self.guard = file, wandb_run or NoWandb(), guard
+
+    def record(self, step, **fields):
+        if self.file is not None:  # fsynced as checkpoints are: a crash loses no line a checkpoint has
+            self.guard()
+            try:
+                self.file.write(json.dumps({"step": step, "time": time.time(), **fields}) + "\n")
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            except OSError as e:
+                raise checkpoint.CheckpointError(f"cannot write {self.file.name}: {e.strerror}") from None
+        if "event" not in fields:
+            self.wandb.log(fields, step=step)
