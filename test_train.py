@@ -672,6 +672,65 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, dataset
     assert sorted(os.listdir(aside)) == ["ckpt_0000030.pt", "metrics.jsonl"]
 
 
+def test_a_checkpoint_pruned_while_it_is_read_is_not_damage(tmp_path, dataset, monkeypatch, capsys):
+    """A reader of a live run that prunes (sample.py, export.py, eval_only, init_from, checkpoint.py) may find a
+    listed file gone by the time it opens it: it takes the newest file there is now and warns of no damage; the
+    listing leaves a vanished file out."""
+    run(tmp_path, dataset, "--max_iters=30", "--checkpoint_interval=10")
+    newest = checkpoint.path_for(str(tmp_path), 30)
+    os.replace(newest, tmp_path / "later")  # the folder holds 10 and 20; 30 is yet to come
+    real_verify = checkpoint.verify
+
+    def verify_while_the_run_goes_on(path):  # the live run publishes 30 and prunes 20 as the reader opens 20
+        if os.path.exists(tmp_path / "later"):
+            os.replace(tmp_path / "later", newest)
+            os.remove(path)
+        return real_verify(path)
+
+    monkeypatch.setattr(checkpoint, "verify", verify_while_the_run_goes_on)
+    step, state = checkpoint.find_to_read(str(tmp_path), -1, "sample from")
+    assert step == 30 and state["step"] == 30
+    assert "warning" not in capsys.readouterr().err
+    monkeypatch.setattr(checkpoint, "verify", lambda path: (os.remove(path), real_verify(path))[1])
+    text, all_ok = checkpoint.describe(str(tmp_path))
+    assert all_ok and text.count("\n") == 0  # each file vanished as it was read: none listed, none refused
+
+
+def test_a_read_error_is_not_damage(tmp_path, dataset, monkeypatch):
+    """EIO (or EMFILE, ENOMEM) while reading a good newest checkpoint stops a resume with one line and moves
+    nothing: only a failed check of the file's own bytes is damage."""
+    run(tmp_path, dataset, "--max_iters=20", "--checkpoint_interval=10")
+    before = files_and_mtimes(tmp_path)
+
+    def verify(path):
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(checkpoint, "verify", verify)
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot read checkpoint .*20.pt: Input/output error"):
+        run(tmp_path, dataset, "--max_iters=30", "--checkpoint_interval=10")
+    assert files_and_mtimes(tmp_path) == before
+
+
+def test_a_stray_file_named_like_a_checkpoint_is_no_checkpoint(tmp_path, dataset, reference):
+    """ckpt_00000030.pt (8 digits) is no step's file: a start ignores it, moves nothing, sets nothing aside."""
+    run(tmp_path, dataset, "--max_iters=20", "--checkpoint_interval=10")
+    shutil.copy(checkpoint.path_for(str(tmp_path), 20), tmp_path / "ckpt_00000030.pt")
+    assert checkpoint.list_steps(str(tmp_path)) == [10, 20]
+    run(tmp_path, dataset, "--max_iters=40", "--checkpoint_interval=10")
+    assert_identical(state_at(reference, 40), state_at(tmp_path, 40))
+    assert not glob.glob(str(tmp_path / "abandoned-*")) and (tmp_path / "ckpt_00000030.pt").exists()
+
+
+def test_a_frozen_or_stepped_wall_clock_changes_nothing(tmp_path, dataset, monkeypatch, capsys):
+    """Durations (ms/step, the ETA, the double Ctrl-C rule) come from a monotonic clock: a wall clock that stands
+    still or jumps back a day divides by nothing and prints no negative time."""
+    readings = iter([1_800_000_000.0 - 86400 * (i % 2) for i in range(100000)])
+    monkeypatch.setattr(time, "time", lambda: next(readings))
+    run(tmp_path, dataset, "--max_iters=10")
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert steps and not any("-" in line.split("ms/step")[0].split(",")[-1] for line in steps)
+
+
 def test_checkpoint_py_lists_and_verifies(tmp_path, dataset):
     run(tmp_path, dataset, "--max_iters=20", "--checkpoint_interval=10", "--eval_interval=20")
     open(checkpoint.path_for(str(tmp_path), 10), "r+b").truncate(5000)
@@ -725,8 +784,16 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
     damaged.mkdir()
     (damaged / "ckpt_0000005.pt").write_bytes(b"not a checkpoint at all\n" * 50)
     (tmp_path / "a_file").write_text("")
+    # files that are checkpoints in form only: another trainer's (verified, loadable), and weights alone
+    for name, state in (("not_ours", {"state_dict": {"w": torch.zeros(2)}, "iter_num": 5}),
+                        ("weights", {k: v for k, v in state_at(tmp_path / "run", 5).items()
+                                     if k in ("model", "model_args", "step", "meta")})):
+        (tmp_path / name).mkdir()
+        checkpoint.save(str(tmp_path / name), 5, state)
+    not_ours, weights = tmp_path / "not_ours", tmp_path / "weights"
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     configs = {"broken.py": "batch_size = (\n", "unknown.py": "batch_size = 4\nlearning_rat = 1e-3\n",
-               "raises.py": "n_layer = 1 // 0\n"}
+               "raises.py": "n_layer = 1 // 0\n", "nan.py": "learning_rate = float('nan')\n"}
     for name, text in configs.items():
         (tmp_path / name).write_text(text)
     data, ran, fresh = f"--dataset={dataset}", f"--out_dir={tmp_path / 'run'}", f"--out_dir={tmp_path / 'fresh'}"
@@ -756,6 +823,11 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
          f"out_dir {tmp_path / 'a_file' / 'out'}: {tmp_path / 'a_file'} is not a folder"),
         ([data, f"--out_dir={damaged}", "--from_checkpoint_step=5"], "is unusable: not a whole zip file"),
         ([data, fresh, "--keep_last_checkpoints=-1"], "keep_last_checkpoints must not be negative, got -1"),
+        ([data, fresh, "--learning_rate=1e999"], "learning_rate must be a finite number, got inf"),
+        ([data, fresh, str(tmp_path / "nan.py")], "learning_rate must be a finite number, got nan"),
+        ([data, fresh, f"--init_from={not_ours / 'ckpt_0000005.pt'}"],
+         "not a checkpoint of this trainer: it has no model, no model_args, no step, no meta"),
+        ([data, f"--out_dir={weights}"], "has weights but no optimizer or config: it cannot be resumed"),
     ]
     sample_cases = [
         ([ran, "--top_k=-1"], "top_k not negative"),
@@ -766,7 +838,15 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
         ([ran, "--start=FILE:/no/such/prompt.txt"], "start: cannot read /no/such/prompt.txt"),
         ([ran, "--start=€"], "characters outside the model's vocabulary: '€'"),
         ([f"--out_dir={tmp_path / 'fresh'}"], "no checkpoint to sample from"),
+        ([ran, "--temperature=1e999"], "temperature must be a finite number, got inf"),
+        ([ran, "--seed=-1"], "seed must be in [0, 2**63), got -1"),
+        ([ran, f"--start=FILE:{tmp_path / 'latin1.txt'}"], "latin1.txt is not UTF-8 text"),
+        ([ran, f"--start=FILE:{tmp_path}"], "start: cannot read"),
+        ([f"--out_dir={not_ours}"], "no usable checkpoint in"),
         ([f"--out_dir={damaged}", "--from_checkpoint_step=5"], "is unusable: not a whole zip file"),
+    ]
+    export_cases = [
+        ([f"--out_dir={not_ours}", f"--export_dir={tmp_path / 'hf'}"], "not a checkpoint of this trainer"),
     ]
     extra = [  # values that pass the flag parser and must still be refused before anything is written
         ([data, fresh, "--seed=-1"], "seed must be in [0, 2**63), got -1"),
@@ -777,7 +857,8 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
     before = files_and_mtimes(tmp_path)
     # in this process, each: the error is one line naming the problem, and nothing is written
     for main, cases in ((train.main, [([*TINY, *args], msg) for args, msg in train_cases + extra]),
-                        (sample.main, [(["--device=cpu", *args], msg) for args, msg in sample_cases])):
+                        (sample.main, [(["--device=cpu", *args], msg) for args, msg in sample_cases]),
+                        (export.main, export_cases)):
         for args, message in cases:
             with pytest.raises((ConfigError, checkpoint.CheckpointError)) as error:
                 main(args)
@@ -791,6 +872,7 @@ def test_malformed_invocations_fail_before_anything_is_touched(tmp_path, dataset
         assert message in done.stderr, done.stderr
     assert files_and_mtimes(tmp_path) == before
     assert not (tmp_path / "fresh").exists()
+    assert not checkpoint.describe(str(not_ours))[1]  # listed as refused, the listing itself whole
 
 
 def copy_prepare_script(tmp_path, name):
