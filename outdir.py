@@ -225,15 +225,16 @@ def clean_leftovers(out_dir):
             os.rmdir(folder)
 
 
-def open_out_dir(cfg, step, locked, wandb_run_id, cleanup, log):
+def open_out_dir(cfg, step, locked, loop, cleanup, log):
     """Rank 0, once every check has passed: start wandb when it is on (it may fail: before anything on disk
-    changes), lock a new out_dir, clean what a crash left, rewind to `step`. Returns the run's Metrics and the
-    Guard that every later write checks first."""
+    changes; loop["wandb_run_id"] becomes its run's), lock a new out_dir, clean what a crash left, rewind to
+    `step`. Returns the run's Metrics and the Guard that every later write checks first."""
     out_dir = cfg["out_dir"]
     rewinding = any(s > step for s in checkpoint.list_steps(out_dir))
-    wandb_run = start_wandb(cfg, wandb_run_id, rewinding, log) if cfg["wandb_log"] else None
+    wandb_run = start_wandb(cfg, loop["wandb_run_id"], rewinding, log) if cfg["wandb_log"] else None
     if wandb_run is not None:
         cleanup.callback(wandb_run.finish)
+        loop["wandb_run_id"] = wandb_run.id
     try:
         if locked is None:  # a new out_dir: lock it, and make sure no other run got there first
             os.makedirs(out_dir, exist_ok=True)

@@ -5,9 +5,8 @@ Train a GPT on one process or many. With no flags it trains a small character-le
     python train.py config/train_shakespeare_char.py --from_checkpoint_step=2000
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
-The file to fork: config, learning-rate schedule, model and optimizer set-up, the training loop.
-Checkpoints land in out_dir as ckpt_<step>.pt; a resumed run computes what an unbroken one would.
-What keeps that promise lives in dataset.py, device.py, outdir.py and checkpoint.py.
+The file to fork: config, LR schedule, model and optimizer set-up, the loop. A resumed run computes
+what an unbroken one would; what keeps that promise is in dataset.py, outdir.py, checkpoint.py.
 """
 import importlib.util
 import math
@@ -54,7 +53,7 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     ("dataset", "python_char", "a folder under data/, or a path to one"),
     ("batch_size", 16, "sequences per micro-batch on each rank"),
     ("block_size", 64, "context length in tokens"),
-    ("gradient_accumulation_steps", 1, "micro-batches per optimizer step, summed over all ranks"),
+    ("gradient_accumulation_steps", 0, "micro-batches per step, all ranks together; 0: one a rank"),
     # ---- model ----
     ("n_layer", 4, "transformer blocks"),
     ("n_head", 4, "attention heads per block"),
@@ -105,7 +104,7 @@ def check_config(cfg, world_size, local_rank):
         raise ConfigError(f"seed must be in [0, 2**63), got {cfg['seed']}")
     if cfg["gradient_accumulation_steps"] % world_size:
         raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must "
-                          f"be divisible by the number of ranks, {world_size}")
+                          f"be divisible by the number of ranks, {world_size}: pass a multiple")
     if not (cfg["vocab_size"] is None or type(cfg["vocab_size"]) is int and cfg["vocab_size"] > 0):
         raise ConfigError(f"vocab_size must be None or a positive int, got {cfg['vocab_size']!r}")
     if not (cfg["compile"] is None or isinstance(cfg["compile"], bool)):
@@ -148,7 +147,7 @@ def build_model(cfg, model_args, device, dtype, init, state):
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         model.load_state_dict(state["model"])
-        if scaler.is_enabled() and state.get("scaler"):  # a switch to float16 starts a new loss scale
+        if scaler.is_enabled() and state.get("scaler"):  # a switch to float16 starts a new scale
             scaler.load_state_dict(state["scaler"])
     return model, optimizer, scaler
 
@@ -186,13 +185,15 @@ def run(argv, cleanup):
     log = print if master else (lambda *a, **k: None)
     outdir.check_out_dir(cfg)
     # from here on a signal asks the run to stop after its first step: start-up is never cut short
-    stops = cleanup.enter_context(outdir.StopSignals(ddp, rewinds=cfg["from_checkpoint_step"] != -1))
+    stops = cleanup.enter_context(outdir.StopSignals(ddp, cfg["from_checkpoint_step"] != -1))
     if ddp:  # gloo carries the few control messages on any device; CUDA gradients get NCCL below
         dist.init_process_group(backend="gloo")
         cleanup.callback(dist.destroy_process_group)
 
     # ---- which step to start from: rank 0 chooses, every rank resumes it ----
     start_step, state, locked = outdir.resolve_start(cfg, given, ddp, master, cleanup, log)
+    # 0: one micro-batch a rank, fixed at the start (a resume on other ranks keeps the global batch)
+    cfg["gradient_accumulation_steps"] = cfg["gradient_accumulation_steps"] or world_size
     check_config(cfg, world_size, local_rank)
     init = outdir.init_weights(cfg, given) if state is None else None  # None: init_from=scratch
     loop = {key: (state or {}).get(key, default) for key, default in LOOP_STATE.items()}
@@ -237,12 +238,12 @@ def run(argv, cleanup):
         log(f"note: dtype={dtype} on a CPU runs under autocast, often slower than float32")
 
     # ---- every check has passed: only now is anything written ----
-    metrics, guard = outdir.open_out_dir(cfg, start_step, locked, loop["wandb_run_id"], cleanup, log) \
-        if master else (Metrics(), None)  # rank 0 alone writes: metrics.jsonl, wandb, checkpoints
-    loop["wandb_run_id"] = metrics.wandb.id or loop["wandb_run_id"]
+    metrics, guard = Metrics(), None  # rank 0 alone writes: metrics.jsonl, wandb, checkpoints
+    if master:
+        metrics, guard = outdir.open_out_dir(cfg, start_step, locked, loop, cleanup, log)
     # whatever ends the run waits for the save in flight (entered last, so it is left first)
-    saves = cleanup.enter_context(Saver(cfg["out_dir"], cfg["keep_last_checkpoints"], cfg["keep_every"],
-                                        not cfg["async_checkpoint"], guard))
+    saves = cleanup.enter_context(Saver(cfg["out_dir"], cfg["keep_last_checkpoints"],
+                                        cfg["keep_every"], not cfg["async_checkpoint"], guard))
 
     # ---- the loop ----
     B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
