@@ -57,7 +57,9 @@ def parse(spec, argv):
     """spec: (key, default, comment) triples. Returns the resolved config, and the set of keys a file or flag set."""
     defaults = {key: default for key, default, _ in spec}
     if "--help" in argv or "-h" in argv:
-        print(help_text(spec))
+        script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "the script"
+        print(f"usage: python {script} [config.py ...] [--key=value ...]   (applied in order: later wins)\n"
+              + help_text(spec))
         sys.exit(0)
     config, given = dict(defaults), set()
     for arg in argv:

@@ -103,7 +103,8 @@ def resolve_start(cfg, given, ddp, master, cleanup, log):
         log("starting fresh" + (f": no checkpoint in {cfg['out_dir']}" if cfg["from_checkpoint_step"] == -1 else ""))
         return step, state, locked
     changed = continue_run(cfg, given, state)
-    log(f"resuming from step {step}" + (f"; changed by this command: {'; '.join(changed)}" if changed else ""))
+    log(f"{'evaluating' if cfg['eval_only'] else 'resuming from'} step {step}"
+        + (f"; changed by this command: {'; '.join(changed)}" if changed else ""))
     if "init_from" in given:
         log(f"init_from applies to a fresh start only: this run resumes its own step {step}")
     return step, state, locked
@@ -140,8 +141,9 @@ def continue_run(cfg, given, state):
         group.setdefault("name", name)
     for key in SHAPE_KEYS:
         if key in given and cfg[key] != state["model_args"][key]:
-            raise ConfigError(f"{key}={cfg[key]!r} contradicts checkpoint step {state['step']}, "
-                              f"whose model has {key}={state['model_args'][key]!r}")
+            raise ConfigError(f"{key}={cfg[key]!r} contradicts checkpoint step {state['step']}, whose model has "
+                              f"{key}={state['model_args'][key]!r}: for a new run, pass another --out_dir (or "
+                              f"--from_checkpoint_step=0 to start over here)")
         cfg[key] = state["model_args"][key]
     return changed
 

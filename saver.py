@@ -80,7 +80,9 @@ class Saver:
         if self.in_flight is not None:
             future, self.in_flight = self.in_flight, None
             path, pruned = future.result()
-            self.log(f"saved {path}" + (f"; deleted steps {', '.join(map(str, pruned))}" if pruned else ""))
+            self.log(f"saved {path}" + (f"; retention deleted step{'s' * (len(pruned) > 1)} "
+                                        f"{', '.join(map(str, pruned))} (keep_last_checkpoints={self.keep_last})"
+                                        if pruned else ""))
 
     def __enter__(self):
         return self

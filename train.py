@@ -300,8 +300,7 @@ def run(argv, cleanup):
             mfu = peak and raw_model.estimate_mfu(tokens_per_step / dt, peak * world_size)
             left = int(dt * (cfg["max_iters"] - step))  # evals and saves come on top
             log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
-                f"{tokens_per_step / dt:,.0f} tokens/s, "
-                f"mfu {'n/a' if mfu is None else f'{mfu:.1%}'}, "
+                f"{tokens_per_step / dt:,.0f} tokens/s{f', mfu {mfu:.1%}' if mfu else ''}, "
                 f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} to go")
             metrics.record(step, loss=loss_now, lr=lr, ms_per_step=dt * 1000,
                            tokens_per_s=tokens_per_step / dt, tokens=loop["tokens_seen"], mfu=mfu)
