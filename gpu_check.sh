@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks a CPU cannot make, on one CUDA GPU, with no network; every Python call is ${PYTHON:-python3}.
-#   bash gpu_check.sh                       # GPT-2 124M with bf16 (dtype auto) and torch.compile (on by default on CUDA)
+#   bash gpu_check.sh                       # GPT-2 124M, bf16 (dtype auto), torch.compile (on by default on CUDA)
 #   DEVICE=cpu SMALL=1 bash gpu_check.sh    # the same checks with a small model on a CPU: tests this script
 # It prints one table, each check ok or MISSED with what it measured, and exits 1 when any check missed (every
 # check runs regardless). KEEP=1 keeps the runs' folders and logs.
@@ -78,11 +78,13 @@ while args:
         got = [leaves(p) for p in paths]
         if mode == "closer":
             resumed, unbroken = distance(got[0], got[1]), distance(got[0], got[2])
-            ok, figure = resumed <= unbroken, f"max |A-C| {resumed:.3g} {'<=' if resumed <= unbroken else '>'} max |A-B| {unbroken:.3g}"
+            ok = resumed <= unbroken
+            figure = f"max |A-C| {resumed:.3g} {'<=' if ok else '>'} max |A-B| {unbroken:.3g}"
         else:
             a, b = got
             differ = sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not same(a[k], b[k]))
-            count = {p: sum(isinstance(v, torch.Tensor) for k, v in a.items() if k.startswith(p + ".")) for p in ("model", "optimizer")}
+            count = {p: sum(isinstance(v, torch.Tensor) for k, v in a.items() if k.startswith(p + "."))
+                     for p in ("model", "optimizer")}
             scaler = {k[7:]: v for k, v in a.items() if k.startswith("scaler.")}
             ok = not differ and count["optimizer"] > count["model"] > 0 and (mode == "equal" or "scale" in scaler)
             figure = (f"{len(differ)} of {len(a)} differ: {', '.join(differ[:3])}" if differ else
@@ -139,7 +141,10 @@ resume() {  # resume FROM NAME FLAGS...: FROM's halfway checkpoint, trained on i
 three() { local p=$1; shift; train "${p}_a" "$@"; train "${p}_b" "$@"; resume "${p}_a" "${p}_c" "$@"; }
 
 bench() { run bench "$PY" bench.py --device="$DEVICE" "${BENCH[@]}"; }
-torchrun_auto() { run torchrun "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${AUTO[@]}" --out_dir="$OUT/torchrun"; }
+torchrun_auto() {
+  run torchrun "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${AUTO[@]}" \
+    --out_dir="$OUT/torchrun"
+}
 
 # 1. everything but the timings, side by side (and on a CPU, where this checks the script, bench.py too)
 if [ "$DEVICE" = cpu ]; then  # the script is what is checked here: one chain of runs stands in for three
@@ -163,8 +168,10 @@ RUNS_S=$((SECONDS - START))
 # 2. the checkpoints
 compare equal "deterministic: unbroken B == unbroken A" "$(ckpt det_a $STEPS)" "$(ckpt det_b $STEPS)" \
         equal "deterministic: resumed C == unbroken A" "$(ckpt det_a $STEPS)" "$(ckpt det_c $STEPS)" \
-        closer "not deterministic: |A-C| <= |A-B|" "$(ckpt ${NONDET}_a $STEPS)" "$(ckpt ${NONDET}_c $STEPS)" "$(ckpt ${NONDET}_b $STEPS)" \
-        equal_scaler "float16 + GradScaler: resumed == unbroken" "$(ckpt "${FP16[0]}" $STEPS)" "$(ckpt "${FP16[1]}" $STEPS)" \
+        closer "not deterministic: |A-C| <= |A-B|" \
+          "$(ckpt ${NONDET}_a $STEPS)" "$(ckpt ${NONDET}_c $STEPS)" "$(ckpt ${NONDET}_b $STEPS)" \
+        equal_scaler "float16 + GradScaler: resumed == unbroken" \
+          "$(ckpt "${FP16[0]}" $STEPS)" "$(ckpt "${FP16[1]}" $STEPS)" \
         >"$OUT/compared.rows"
 [ -n "${KEEP:-}" ] || rm -rf "$OUT"/det_? "$OUT"/nondet_?  # 15 GB at GPT-2's size; bench.py needs the disk
 COMPARE_S=$((SECONDS - START - RUNS_S))
@@ -176,10 +183,14 @@ row() { printf '%s\t%s\t%s\n' "$1" "$2" "$3"; }
 status() { [ "$(cat "$OUT/$1.rc" 2>/dev/null)" = 0 ] && echo ok || echo MISSED; }
 trained() {  # trained NAME CHECK: ok when NAME exited 0 and trained on DEVICE's kind of device
   local how last
-  how=$(grep -oE '\(device [^,]+, dtype [a-z0-9]+\)' "$OUT/$1.log" | tail -1 | tr -d '()' | sed 's/device //; s/, dtype//')
-  last=$(grep -E '^step [0-9]+: loss' "$OUT/$1.log" | tail -1 | sed -E 's/: loss [^,]*, lr [^,]*,/,/; s/^step ([0-9]+),/\1 steps,/')
-  if [ "$(status "$1")" = MISSED ]; then row "$2" MISSED "exit $(cat "$OUT/$1.rc"): $(grep -v '^ ' "$OUT/$1.log" | tail -1)"
-  elif [ "${how%%[: ]*}" != "${DEVICE%%:*}" ]; then row "$2" MISSED "trained on ${how:-an unnamed device}, not on ${DEVICE%%:*}"
+  how=$(grep -oE '\(device [^,]+, dtype [a-z0-9]+\)' "$OUT/$1.log" | tail -1 | tr -d '()' |
+        sed 's/device //; s/, dtype//')
+  last=$(grep -E '^step [0-9]+: loss' "$OUT/$1.log" | tail -1 |
+         sed -E 's/: loss [^,]*, lr [^,]*,/,/; s/^step ([0-9]+),/\1 steps,/')
+  if [ "$(status "$1")" = MISSED ]; then
+    row "$2" MISSED "exit $(cat "$OUT/$1.rc"): $(grep -v '^ ' "$OUT/$1.log" | tail -1)"
+  elif [ "${how%%[: ]*}" != "${DEVICE%%:*}" ]; then
+    row "$2" MISSED "trained on ${how:-an unnamed device}, not on ${DEVICE%%:*}"
   elif [ -z "$last" ]; then row "$2" MISSED "logged no step"
   else row "$2" ok "$how: $last"; fi
 }
@@ -201,19 +212,23 @@ ratio() {  # ratio CHECK WHAT: the ratio bench.py measured in its row WHAT, with
   else row "sample.py --device=auto" MISSED "exit $(cat "$OUT/sample.rc"): $(tail -1 "$OUT/sample.log")"; fi
   cat "$OUT/compared.rows"
   n=$(grep -cE '^[a-z0-9]+ +\| ' "$OUT/bench.log")
+  rows=$( [ "$n" -gt 0 ] && echo "$((n - 1)) rows, below" || echo "no table")
   row "bench.py's table" "$( [ "$(status bench)" = ok ] && [ "$n" -ge 9 ] && echo ok || echo MISSED)" \
-      "${BENCH[0]#--}: $( [ "$n" -gt 0 ] && echo "$((n - 1)) rows, below" || echo "no table"); exit $(cat "$OUT/bench.rc")"
+      "${BENCH[0]#--}: $rows; exit $(cat "$OUT/bench.rc")"
   ratio "bench: our loop / plain loop, tokens/s" "training tokens/s"
   ratio "bench: deterministic / not, tokens/s" "deterministic tokens/s"
 } >"$OUT/table.rows"
 
 header=$(grep -m1 '^bench.py on ' "$OUT/bench.log" | sed 's/^bench.py on //')
-[ -n "$header" ] || header=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU', 'torch', torch.__version__)")
+[ -n "$header" ] || header=$("$PY" -c "import torch; print(torch.cuda.get_device_name() \
+  if torch.cuda.is_available() else 'CPU', 'torch', torch.__version__)")
 echo "gpu_check.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), $header; ${STEPS} steps a run; $((SECONDS - START)) s" \
-     "(runs ${RUNS_S} s, comparisons ${COMPARE_S} s, bench.py $(cat "$OUT/bench.s") s$([ "$DEVICE" = cpu ] && echo " among the runs"))"
+     "(runs ${RUNS_S} s, comparisons ${COMPARE_S} s, bench.py $(cat "$OUT/bench.s") s$(
+       [ "$DEVICE" = cpu ] && echo " among the runs"))"
 table <"$OUT/table.rows"
 passed=$?
-echo "seconds per run: $(for s in "$OUT"/*.s; do printf '%s %s, ' "$(basename "$s" .s)" "$(cat "$s")"; done | sed 's/, $//')"
+echo "seconds per run: $(for s in "$OUT"/*.s; do printf '%s %s, ' "$(basename "$s" .s)" "$(cat "$s")"; done |
+                         sed 's/, $//')"
 [ -z "${KEEP:-}" ] || echo "logs and runs: $OUT"
 grep -qE '^size +\| ' "$OUT/bench.log" && { echo; grep -E '^([a-z0-9]+|size) +\| ' "$OUT/bench.log"; }
 for rc in "$OUT"/*.rc; do  # what went wrong, where something did
