@@ -24,6 +24,7 @@ from torch.utils.serialization import config as torch_save_config
 
 CKPT_NAME = re.compile(r"ckpt_(\d{7,})\.pt")
 TMP_SUFFIX = ".tmp"
+NANOGPT_NAME = "ckpt.pt"  # nanoGPT's one checkpoint file in its out_dir: init_from reads it, nothing resumes it
 _checkers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # zlib.crc32 releases the GIL
 
 
@@ -149,6 +150,11 @@ def load(path):
         raise ReadError(f"cannot read checkpoint {path}: {e.strerror}; the file itself may be fine") from None
     except Exception as e:  # weights_only refuses anything but tensors and plain data
         problem = f"refused by torch.load(weights_only=True): {str(e).splitlines()[0]}"
+    if problem is None and isinstance(state, dict) and "iter_num" in state and "step" not in state:
+        try:
+            state = from_nanogpt(state)
+        except (KeyError, TypeError, AttributeError) as e:
+            problem = f"a nanoGPT checkpoint without its {e}"
     if problem is None:
         problem = not_ours(state)
     if problem is None:
@@ -157,6 +163,19 @@ def load(path):
             return state
         problem = f"it holds step {state['step']!r}, not the step in its name"
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
+
+
+def from_nanogpt(state):
+    """A nanoGPT checkpoint (its out_dir's one ckpt.pt: iter_num, model_args, weights under torch.compile's
+    _orig_mod. names) as a reader sees ours: clean names, its step, the vocabulary's size (nanoGPT keeps the
+    characters in the dataset's meta.pkl; a vocabulary of 50257 or more is GPT-2's BPE)."""
+    args = state["model_args"]
+    weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()
+               if not (k.endswith("attn.bias") and v.dim() == 4)}  # the causal mask of its non-flash attention
+    shape = {k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}
+    meta = {"vocab_size": args["vocab_size"]} | ({"tokenizer": "gpt2"} if args["vocab_size"] >= 50257 else {})
+    return {"model": weights, "model_args": shape | {"dropout": args.get("dropout", 0.0)},
+            "step": state["iter_num"], "meta": meta, "origin": "nanoGPT"}
 
 
 def not_ours(state):
@@ -257,7 +276,9 @@ def describe(out_dir):
         train, val = ("-" if loss is None else f"{loss:.4f}" for loss in losses)
         when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))
         lines.append(f"{step:>7}  {when}  {train:>10}  {val:>8}  {size / 1e6:>7.1f} MB  {status}")
+    nanogpt = [f"{NANOGPT_NAME} (nanoGPT's: init_from={os.path.join(out_dir, NANOGPT_NAME)} starts a run from it)"]
     for note, found in (("started from", [] if origin == "scratch" else [origin]),
+                        ("not listed", nanogpt if NANOGPT_NAME in names else []),
                         ("incomplete writes (ignored, removed at the next start)",
                          [n for n in names if n.endswith(TMP_SUFFIX)]),
                         ("set aside by rewinds", [n for n in names if n.startswith("abandoned-")])):

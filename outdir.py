@@ -100,7 +100,10 @@ def resolve_start(cfg, given, ddp, master, cleanup, log):
     if step and state is None:
         state = checkpoint.load(checkpoint.path_for(cfg["out_dir"], step))
     if state is None:
-        log("starting fresh" + (f": no checkpoint in {cfg['out_dir']}" if cfg["from_checkpoint_step"] == -1 else ""))
+        nanogpt = os.path.join(cfg["out_dir"], checkpoint.NANOGPT_NAME)
+        hint = f" ({nanogpt} is nanoGPT's: init_from={nanogpt} starts from it)" if os.path.isfile(nanogpt) else ""
+        log("starting fresh" + (f": no checkpoint in {cfg['out_dir']}{hint}" if cfg["from_checkpoint_step"] == -1
+                                else ""))
         return step, state, locked
     changed = continue_run(cfg, given, state)
     log(f"{'evaluating' if cfg['eval_only'] else 'resuming from'} step {step}"
@@ -171,13 +174,17 @@ def init_weights(cfg, given):
             state = checkpoint.load(source)
         elif os.path.isdir(folder):
             state = checkpoint.find(folder, int(step), warn=print)[1]
+            nanogpt = os.path.join(folder, checkpoint.NANOGPT_NAME)
+            if state is None and os.path.isfile(nanogpt):  # a nanoGPT out_dir: its one checkpoint
+                state = checkpoint.load(nanogpt)
             if state is None:
                 raise ConfigError(f"init_from={source}: no checkpoint in {folder}")
         else:
             raise ConfigError(f"init_from={source}: not scratch, {', '.join(GPT2_HUB_NAMES)}, a Hugging Face GPT-2 "
                               f"folder, or a checkpoint file or out_dir")
+        whose = f"{state['origin']}'s " if state.get("origin") == "nanoGPT" else ""
         init = {"model_args": state["model_args"], "weights": state["model"],
-                "origin": f"{source} (step {state['step']})", "vocab": state["meta"]}
+                "origin": f"{source} ({whose}step {state['step']})", "vocab": state["meta"]}
     for key in SHAPE_KEYS:
         theirs = init["model_args"][key]
         if key in given and cfg[key] != theirs and not (key == "block_size" and cfg[key] < theirs):

@@ -1179,6 +1179,27 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+def test_a_nanogpt_checkpoint_starts_a_run(tmp_path, dataset, capsys):
+    """nanoGPT's ckpt.pt (iter_num, model_args, torch.compile's _orig_mod. names) as init_from, a file or its
+    out_dir: its weights start the run, and the run says where they came from; checkpoint.py and a plain start
+    in that folder point at it."""
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, vocab_size=100, dropout=0.0)
+    torch.manual_seed(5)
+    weights = GPT(GPTConfig(**args)).state_dict()
+    nano = tmp_path / "out-nano"
+    nano.mkdir()
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in weights.items()}, "optimizer": {}, "model_args": args,
+                "iter_num": 250, "best_val_loss": torch.tensor(1.5), "config": {"batch_size": 12}}, nano / "ckpt.pt")
+    assert "ckpt.pt (nanoGPT's: init_from=" in checkpoint.describe(str(nano))[0]
+    for source in (nano / "ckpt.pt", nano):
+        out = tmp_path / f"from-{source.name}"
+        run(out, dataset, f"--init_from={source}", "--max_iters=1", "--learning_rate=0.0", "--vocab_size=100")
+        assert f"starting from the weights of {source} (nanoGPT's step 250)" in capsys.readouterr().out
+        assert all(torch.equal(state_at(out, 1)["model"][k], v) for k, v in weights.items())  # lr 0: unchanged
+    run(nano, dataset, "--max_iters=1", "--vocab_size=100")
+    assert f"({nano / 'ckpt.pt'} is nanoGPT's: init_from={nano / 'ckpt.pt'} starts from it)" in capsys.readouterr().out
+
+
 def test_init_from_another_run_takes_its_weights_and_a_new_optimizer(tmp_path, dataset, capsys):
     run(tmp_path / "a", dataset, "--max_iters=10", "--checkpoint_interval=5")
     source = state_at(tmp_path / "a", 5)
