@@ -1,6 +1,7 @@
 """
 A dataset is a folder with train.bin and val.bin (token ids, uint16 or uint32, back to back) and meta.json
-(vocab_size, the ids' dtype, and the vocabulary: "chars", or "tokenizer": "gpt2"). load_dataset prepares one that
+(vocab_size, the ids' dtype, and the vocabulary: "chars", or "tokenizer": "gpt2"); a folder nanoGPT prepared
+(meta.pkl, or no meta for GPT-2's BPE) reads as it is. load_dataset prepares one that
 is not yet (running its prepare.py, one process at a time), checks everything training relies on, and
 fingerprints it, so a resume on other data is refused.
 
@@ -12,8 +13,10 @@ exactly. A streaming loader that remembers where it is breaks this silently: it 
 import difflib
 import fcntl
 import hashlib
+import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -57,17 +60,22 @@ def load_dataset(name, block_size, trained_on=None):
     other data, and the same data skips the scan of every token id, done when the run began."""
     folder = dataset_dir(name)
     paths = [os.path.join(folder, f) for f in ("train.bin", "val.bin", "meta.json")]
-    prepare(name, folder, paths)
+    nanogpt = all(map(os.path.exists, paths[:2])) and not os.path.exists(paths[2])
+    if nanogpt:  # nanoGPT's layout: meta.pkl for characters, no meta at all for GPT-2's BPE (OpenWebText)
+        meta_bytes, meta = nanogpt_meta(name, os.path.join(folder, "meta.pkl"))
+    else:
+        prepare(name, folder, paths)
     missing = [f for f in paths if not os.path.exists(f)]
-    if missing:
+    if missing and not nanogpt:
         under_data = folder == os.path.join(DATA_DIR, name)
         close = difflib.get_close_matches(name, os.listdir(DATA_DIR), n=1) if under_data else []
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise ConfigError(f"dataset {name}: missing {', '.join(missing)}{hint}")
     try:
-        with open(paths[2], "rb") as f:
-            meta_bytes = f.read()
-        meta = json.loads(meta_bytes)
+        if not nanogpt:
+            with open(paths[2], "rb") as f:
+                meta_bytes = f.read()
+            meta = json.loads(meta_bytes)
         assert type(meta["vocab_size"]) is int and meta["vocab_size"] > 0
     except (ValueError, KeyError, TypeError, AssertionError):
         raise ConfigError(f"dataset {name}: {paths[2]} has no positive integer vocab_size") from None
@@ -103,6 +111,30 @@ def load_dataset(name, block_size, trained_on=None):
                 raise ConfigError(f"dataset {name}: {path} holds token id {top}, outside meta.json's vocab_size "
                                   f"{meta['vocab_size']}; prepare the dataset again")
     return meta, arrays[0], arrays[1], fingerprint
+
+
+class _PlainData(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numbers, which need no class: anything else, code included, is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+def nanogpt_meta(name, path):
+    """(the bytes it was read from, meta) of a dataset prepared by nanoGPT: its meta.pkl's characters (read as
+    plain data, never as code), or GPT-2's BPE when there is no meta.pkl, as nanoGPT's OpenWebText has none."""
+    if not os.path.exists(path):
+        print(f"dataset {name}: nanoGPT's layout without meta.pkl: read as GPT-2's BPE token ids (uint16)")
+        return b"", {"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16"}
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        pkl = _PlainData(io.BytesIO(data)).load()
+        chars = [pkl["itos"][i] for i in range(pkl["vocab_size"])]
+        assert all(isinstance(c, str) for c in chars)
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise ConfigError(f"dataset {name}: {path} is not nanoGPT's meta.pkl ({type(e).__name__}: {e})") from None
+    return data, {"vocab_size": len(chars), "chars": chars, "dtype": "uint16"}
 
 
 def model_vocab_size(cfg, meta, init_vocab=None, log=print):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -1030,6 +1031,33 @@ def test_one_token_changed_anywhere_is_other_data(tmp_path):
     with pytest.raises(ConfigError, match=r"not the data step 2 was trained on \(train.bin sha256 [0-9a-f]+ -> "):
         run(tmp_path / "out", str(data), "--max_iters=4")
     assert checkpoint.list_steps(str(tmp_path / "out")) == [2]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def test_a_nanogpt_prepared_dataset_trains_as_it_is(tmp_path, capsys):
+    """nanoGPT's layout: train.bin and val.bin with meta.pkl (characters, read as plain data, never as code), or
+    with no meta at all (GPT-2's BPE, as its OpenWebText). A meta.pkl that would run code is refused in one line."""
+    chars = sorted(set("hello nanoGPT world"))
+    ids = np.random.default_rng(0).integers(0, len(chars), 5000).astype(np.uint16)
+    chars_data, bpe_data, evil = tmp_path / "chars", tmp_path / "bpe", tmp_path / "evil"
+    for folder in (chars_data, bpe_data, evil):
+        write_tokens(folder, ids, {})
+        (folder / "meta.json").unlink()
+    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+    (chars_data / "meta.pkl").write_bytes(pickle.dumps(meta))
+    run(tmp_path / "out-chars", str(chars_data), "--max_iters=2")
+    assert state_at(tmp_path / "out-chars", 2)["meta"]["chars"] == chars
+    run(tmp_path / "out-bpe", str(bpe_data), "--max_iters=1", "--n_embd=16", "--n_head=1", "--n_layer=1")
+    assert state_at(tmp_path / "out-bpe", 1)["meta"] == {"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16"}
+    assert "nanoGPT's layout without meta.pkl: read as GPT-2's BPE" in capsys.readouterr().out
+    (evil / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 3, "itos": _Exploit()}))
+    with pytest.raises(ConfigError, match=r"meta.pkl is not nanoGPT's meta.pkl \(UnpicklingError: posix.system"):
+        run(tmp_path / "out-evil", str(evil), "--max_iters=1")
+    assert not (tmp_path / "out-evil").exists() and not os.path.exists("pwned")
 
 
 def test_token_dtypes_and_data_errors_are_caught_before_anything_is_written(tmp_path):
