@@ -1105,6 +1105,136 @@ def test_checkpoints_are_valid_zip_files(tmp_path, dataset):
     assert checkpoint.verify(path) is None
 
 
+def test_a_run_whose_folder_was_replaced_stops_before_writing_there(tmp_path, dataset):
+    """The lock is on train.lock's inode and writes go by path: a live run's out_dir deleted and made anew (a new
+    run's, say), or its train.lock deleted, must stop the run with one line before it writes or prunes there."""
+    for what in ("folder", "train.lock"):
+        out = tmp_path / what
+        proc = start(train_cmd(dataset, out, "--checkpoint_interval=1", "--max_iters=1000000", "--log_interval=1",
+                               "--keep_last_checkpoints=2"))
+        with proc:
+            wait_for_line(proc, "step 5:")
+            if what == "folder":  # moved away at once, then deleted: a live run writes as rmtree walks
+                os.rename(out, tmp_path / "gone")
+                out.mkdir()
+                (out / "marker").write_text("another run's folder now")
+            else:
+                (out / "train.lock").unlink()
+            before = sorted(os.listdir(out))
+            rest = proc.stdout.read()
+        assert proc.returncode == 2, rest
+        (error,) = [line for line in rest.splitlines() if line.startswith("error: ")]
+        assert error.startswith(f"error: out_dir {out} is no longer the folder this run locked"), rest
+        time.sleep(0.2)
+        assert sorted(os.listdir(out)) == before == (["marker"] if what == "folder" else before), what
+
+
+def test_the_nodes_of_one_job_must_run_one_command(tmp_path, dataset):
+    """Ranks given different configs (another max_iters would hang, another seed train two runs as one) are
+    refused at start in one line naming the keys; nothing is written. from_checkpoint_step may differ: rank 0's
+    choice is every rank's."""
+    out, port = tmp_path / "out", free_port()
+    nodes = [start(torchrun_cmd(1, *ddp_flags(dataset, out, *extra), nodes=(rank, port)))
+             for rank, extra in ((0, ["--max_iters=20"]), (1, ["--max_iters=30", "--seed=7"]))]
+    outputs = [node.communicate(timeout=120)[0] for node in nodes]
+    assert all(node.returncode != 0 for node in nodes), outputs
+    assert "error: the ranks of this job were given different configs: max_iters, seed differ between rank 0 " \
+           "and rank 1; start every node with the same command" in outputs[0], outputs[0]
+    assert not out.exists()
+
+
+def metrics_lines(folder):
+    return set(open(folder / "metrics.jsonl", "rb").read().splitlines())
+
+
+def test_a_rewind_cut_short_anywhere_loses_nothing_and_a_rerun_completes_it(tmp_path, dataset, monkeypatch):
+    """A rewind writes the abandoned timeline's metrics into its folder, moves the newer checkpoints there, then
+    rewrites metrics.jsonl. Cut short at each of its file operations (an exception where a kill would be: nothing
+    runs after it that touches the folder), then run again: every checkpoint and metrics line is somewhere, the
+    live metrics hold the live timeline alone, and the run ends equal to an unbroken rewind."""
+    base = tmp_path / "base"
+    run(base, dataset, "--max_iters=30", "--checkpoint_interval=10")
+    rewind = ["--from_checkpoint_step=10", "--max_iters=30", "--checkpoint_interval=10", "--learning_rate=5e-3"]
+    shutil.copytree(base, tmp_path / "unbroken")
+    run(tmp_path / "unbroken", dataset, *rewind)
+    abandoned_lines = {line for line in metrics_lines(base) if json.loads(line)["step"] > 10}
+    real_replace = os.replace
+    for k in range(4):  # the rewind's renames: abandoned metrics, two checkpoints, live metrics
+        out = tmp_path / f"cut{k}"
+        shutil.copytree(base, out)
+        calls = [0]
+
+        def replace(src, dst):
+            calls[0] += 1
+            if calls[0] > k:
+                raise OSError(errno.EIO, "cut short here")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(checkpoint.CheckpointError, match="cut short here"):
+            run(out, dataset, *rewind)
+        monkeypatch.undo()
+        run(out, dataset, *rewind)
+        assert_identical(state_at(tmp_path / "unbroken", 30), state_at(out, 30))
+        folders = [tmp_path / f for f in glob.glob("abandoned-*", root_dir=out)]
+        kept = set().union(*(metrics_lines(out / f.name) for f in folders))
+        assert abandoned_lines <= kept, k
+        assert {f"ckpt_00000{s}.pt" for s in (20, 30)} <= {n for f in folders for n in os.listdir(out / f.name)}
+        assert not abandoned_lines & metrics_lines(out)
+
+
+def test_a_signal_during_start_up_is_handled_as_in_the_loop(tmp_path, dataset, monkeypatch, capsys):
+    """SIGTERM while a rewind moves files: start-up completes (nothing half-done), one step is trained and saved,
+    and the run ends cleanly."""
+    run(tmp_path, dataset, "--max_iters=30", "--checkpoint_interval=10")
+    real_rewind = outdir.rewind
+
+    def signalled_rewind(out_dir, step):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_rewind(out_dir, step)
+
+    monkeypatch.setattr(outdir, "rewind", signalled_rewind)
+    run(tmp_path, dataset, "--from_checkpoint_step=10", "--max_iters=30", "--checkpoint_interval=10")
+    assert "stopped by a signal after step 11" in capsys.readouterr().out
+    assert checkpoint.list_steps(str(tmp_path)) == [10, 11]
+    (aside,) = glob.glob(str(tmp_path / "abandoned-*"))
+    assert sorted(os.listdir(aside)) == ["ckpt_0000020.pt", "ckpt_0000030.pt", "metrics.jsonl"]
+
+
+def test_leftovers_of_every_kind_are_cleaned_at_the_next_start(tmp_path, dataset):
+    run(tmp_path, dataset, "--max_iters=5")
+    for leftover in ("metrics.jsonl.tmp", "ckpt_0000099.pt.tmp", "abandoned-20200101-000000/",
+                     "abandoned-x/metrics.jsonl.tmp", "abandoned-kept/metrics.jsonl"):
+        (tmp_path / leftover.rstrip("/")).parent.mkdir(exist_ok=True)
+        if leftover.endswith("/"):
+            (tmp_path / leftover).mkdir()
+        else:
+            (tmp_path / leftover).write_text("{}\n")
+    run(tmp_path, dataset, "--max_iters=10")
+    assert sorted(os.listdir(tmp_path)) == ["abandoned-kept", "ckpt_0000005.pt", "ckpt_0000010.pt",
+                                            "metrics.jsonl", "train.lock"]
+
+
+def test_wandb_failing_to_start_changes_nothing_on_disk(tmp_path, dataset, monkeypatch):
+    """wandb starts before anything in out_dir changes: its failure refuses the run and moves nothing, even for a
+    rewind, and a new out_dir is not made."""
+    import wandb
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(tmp_path / "out", dataset, "--max_iters=30", "--checkpoint_interval=10")
+    before = files_and_mtimes(tmp_path / "out")
+
+    def init(**kwargs):
+        raise RuntimeError("not logged in")
+
+    monkeypatch.setattr(wandb, "init", init)
+    for out, flags in ((tmp_path / "out", ["--from_checkpoint_step=10"]), (tmp_path / "new", [])):
+        with pytest.raises(ConfigError, match="wandb cannot start: RuntimeError: not logged in"):
+            run(out, dataset, "--max_iters=30", "--wandb_log=True", *flags)
+    assert files_and_mtimes(tmp_path / "out") == before and not (tmp_path / "new").exists()
+
+
 def test_a_second_trainer_on_the_same_out_dir_is_refused(tmp_path, dataset, capsys):
     """The first trainer is a real process, so that kill -9 can end it; the others run in this process."""
     out = tmp_path / "out"
