@@ -223,7 +223,8 @@ def main(argv):
     cfg, _ = parse(CONFIG, argv)
     # the plain loop's set-up, as train.py's without --deterministic; train.py's runs are processes of their own
     device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"])
-    bench_dir = cfg["bench_dir"] or tempfile.mkdtemp(prefix="bench-", dir=HERE)
+    # absolute: train.py's runs start in this folder, wherever bench.py was started from
+    bench_dir = os.path.abspath(cfg["bench_dir"]) if cfg["bench_dir"] else tempfile.mkdtemp(prefix="bench-", dir=HERE)
     rows = []
     try:
         for size in cfg["sizes"].split(","):

@@ -59,9 +59,6 @@ class NoWandb:
     def log(self, fields, step):
         pass
 
-    def finish(self):
-        pass
-
 
 def start_wandb(cfg, run_id, rewinding, log):
     """One wandb run per timeline: a resume continues the checkpoint's run; a fresh start or a rewind starts one."""

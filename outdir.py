@@ -5,7 +5,7 @@ start from, chosen by rank 0 and told to every rank, which must all have been gi
 resume inherits from its checkpoint and a fresh start from init_from, rewinds (newer checkpoints and their
 metrics set aside, in an order a kill cannot make lose anything), and the signals that stop a run, with the vote
 that makes every DDP rank stop after the same step. Nothing here writes before open_out_dir, which train.py calls
-once every check has passed.
+once every check has passed, but the lock (train.lock, in an out_dir that exists).
 """
 import fcntl
 import os
@@ -57,7 +57,16 @@ class Guard:
     soon): writing or pruning there would mix two runs in one folder."""
 
     def __init__(self, out_dir, lock_file):
-        self.out_dir, self.held = out_dir, os.fstat(lock_file.fileno())
+        self.out_dir, self.held, self.folder = out_dir, os.fstat(lock_file.fileno()), os.stat(out_dir)
+
+    def foreign(self):
+        """Whether the folder at out_dir's path is another than the one this run locked (a file just written
+        there by path landed in another run's folder)."""
+        try:
+            now = os.stat(self.out_dir)
+        except OSError:
+            return True
+        return (now.st_dev, now.st_ino) != (self.folder.st_dev, self.folder.st_ino)
 
     def __call__(self):
         try:

@@ -5,6 +5,7 @@ kept tied); publish writes it with checkpoint.save and prunes the folder; a Save
 one save at a time, reports each, and raises a failed one in the loop a step later. Leaving a Saver (it is a
 context manager) waits for the save in flight, unless Ctrl-C, then or meanwhile, cancels it: no file is left then.
 """
+import os
 from concurrent.futures import ThreadPoolExecutor
 from threading import Event
 
@@ -47,8 +48,17 @@ def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None, g
     """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background. guard()
     runs before each, to refuse a folder that is no longer this run's (outdir.Guard)."""
     guard()
-    path = checkpoint.save(out_dir, step, state, cancel)
-    guard()
+    try:
+        path = checkpoint.save(out_dir, step, state, cancel)
+    except checkpoint.CheckpointError:
+        guard()  # a folder deleted mid-save says so, rather than "no such file"
+        raise
+    try:
+        guard()
+    except checkpoint.CheckpointError:
+        if guard.foreign():  # replaced while this file was written: take back what landed in another's folder
+            os.remove(path)
+        raise
     return path, checkpoint.prune(out_dir, keep_last, keep_every, protect)
 
 

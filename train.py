@@ -232,7 +232,7 @@ def run(argv, cleanup):
         log(f"nothing to train: step {start_step} has reached max_iters={cfg['max_iters']}; "
             f"raise --max_iters to train further")
         return
-    differs = [f"{k}={v!r}" for (k, default, _), v in zip(CONFIG, cfg.values()) if v != default]
+    differs = [f"{k}={cfg[k]!r}" for k, default, _ in CONFIG if cfg[k] != default]
     log(f"config beyond defaults: {', '.join(differs) or 'none'} (device {device}, dtype {dtype})")
     if device.type == "cpu" and dtype != "float32":
         log(f"note: dtype={dtype} on a CPU runs under autocast, often slower than float32")
@@ -346,4 +346,5 @@ def run(argv, cleanup):
 
 if __name__ == "__main__":
     run_main(main, (checkpoint.CheckpointError,),
-             interrupted="interrupted before training began: nothing was saved; rerun the command")
+             interrupted="interrupted: stopped at once, without saving the current step; "
+                         "rerun the same command to resume")
