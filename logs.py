@@ -62,7 +62,10 @@ class NoWandb:
 
 def start_wandb(cfg, run_id, rewinding, log):
     """One wandb run per timeline: a resume continues the checkpoint's run; a fresh start or a rewind starts one."""
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("wandb_log=True needs wandb: pip install wandb") from None
     if rewinding and run_id:
         log(f"wandb: run {run_id} keeps the abandoned steps; this timeline continues in a new run")
     try:

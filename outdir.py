@@ -270,6 +270,13 @@ def open_out_dir(cfg, step, locked, loop, cleanup, log):
     return Metrics(metrics_file, wandb_run, guard), guard
 
 
+def finished(cfg, step):
+    """The last line of a run that reached max_iters: what it did, and what to do next."""
+    out = cfg["out_dir"]
+    return (f"done: trained to step {step} (max_iters); next: python sample.py --out_dir={out}, python plot.py "
+            f"{out}, or train on with --max_iters=<more> (lr_decay_iters too, for the schedule to stretch)")
+
+
 class StopSignals:
     """SIGTERM and SIGUSR1 (what schedulers and spot instances send before taking the machine) and Ctrl-C ask the
     loop to save its step and end. A second Ctrl-C stops at once (a KeyboardInterrupt that says what to rerun);

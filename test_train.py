@@ -318,8 +318,12 @@ def test_newest_is_resumed_by_default(tmp_path, dataset, capsys):
     run(tmp_path, dataset, "--max_iters=10", "--checkpoint_interval=5")
     capsys.readouterr()
     run(tmp_path, dataset, "--max_iters=15", "--checkpoint_interval=5")
-    assert "resuming from step 10; changed by this command: max_iters: 10 -> 15" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resuming from step 10; changed by this command: max_iters: 10 -> 15" in printed
     assert checkpoint.list_steps(str(tmp_path)) == [5, 10, 15]
+    # the run says it finished, and what to do next
+    assert printed.splitlines()[-1].startswith(f"done: trained to step 15 (max_iters); next: python sample.py "
+                                               f"--out_dir={tmp_path}, python plot.py {tmp_path}")
 
 
 def test_other_eval_log_and_checkpoint_settings_give_identical_weights(tmp_path, dataset):

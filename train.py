@@ -8,7 +8,6 @@ Train a GPT on one process or many. With no flags it trains a small character-le
 The file to fork: config, LR schedule, model and optimizer set-up, the loop. A resumed run computes
 what an unbroken one would; what keeps that promise is in dataset.py, outdir.py, checkpoint.py.
 """
-import importlib.util
 import math
 import os
 import time
@@ -80,9 +79,8 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     ("backend", "auto", "nanoGPT's key, ignored: gradients go over NCCL on CUDA, else gloo"),
     ("seed", 1337, "seeds the initial weights, the batches and dropout"),
 ]
-# What a run carries across a resume besides model and optimizer: saved in each checkpoint, restored
-# from it (a checkpoint older than a key resumes with its default). best_checkpoint: [val loss,
-# step] of the best one, which keep_best keeps; origin: the weights step 0 started from
+# What a run carries across a resume besides model and optimizer, saved and restored (an older
+# checkpoint resumes a missing key's default); best_checkpoint: [val loss, step]; origin: step 0's
 LOOP_STATE = {"best_val_loss": float("inf"), "tokens_seen": 0, "best_checkpoint": None,
               "origin": "scratch", "wandb_run_id": None}
 
@@ -203,8 +201,6 @@ def run(argv, cleanup):
     meta, train_data, val_data, data_id = load_dataset(
         cfg["dataset"], cfg["block_size"], trained_on=state and (state["step"], state.get("data")))
     vocab_size = model_vocab_size(cfg, meta, init and init["vocab"], log)
-    if cfg["wandb_log"] and master and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("wandb_log=True needs wandb: pip install wandb")
     if cfg["backend"] != "auto":
         log(f"backend={cfg['backend']} (nanoGPT's key) changes nothing here: see --help")
     device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"], cfg["deterministic"],
@@ -264,7 +260,8 @@ def run(argv, cleanup):
         + ("; compiling the model first (a minute for GPT-2 124M on a GPU)" if use_compile else ""))
     metrics.record(step, event="resume" if start_step else "start")
     x, y = batch(step, 0)
-    t0, steps_timed = time.perf_counter(), 0  # ms/step counts training alone, not evals or saves
+    t0 = began = time.perf_counter()  # ms/step counts training alone; the ETA evals and saves too
+    steps_timed = 0
     while step < cfg["max_iters"]:
         stops.vote()  # the ranks vote on stopping while this step computes; read after the step
         lr = get_lr(step, cfg)
@@ -298,7 +295,8 @@ def run(argv, cleanup):
             loss_now = loss.item() * local_accum  # the loop's one host-device sync: a micro-batch's
             dt = (time.perf_counter() - t0) / steps_timed
             mfu = peak and raw_model.estimate_mfu(tokens_per_step / dt, peak * world_size)
-            left = int(dt * (cfg["max_iters"] - step))  # evals and saves come on top
+            per_step = (time.perf_counter() - began) / (step - start_step)  # evals, saves included
+            left = int(per_step * (cfg["max_iters"] - step))
             log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
                 f"{tokens_per_step / dt:,.0f} tokens/s{f', mfu {mfu:.1%}' if mfu else ''}, "
                 f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} to go")
@@ -339,6 +337,8 @@ def run(argv, cleanup):
             log(f"stopped by a signal after step {step}; rerun {stops.rerun} to resume")
             break
     saves.finish()  # the last checkpoint is on disk before the process exits
+    if step == cfg["max_iters"]:
+        log(outdir.finished(cfg, step))
     if ddp:  # the ranks leave together, and DDP lets go of the group before it is destroyed: a
         dist.barrier()  # rank tearing gloo down while rank 0 still saved was once seen to abort
         del model
