@@ -187,6 +187,9 @@ def not_ours(state):
     missing = [key for key, kind in kinds.items() if not isinstance(state.get(key), kind)]
     if not missing and not isinstance(state["meta"].get("vocab_size"), int):
         missing = ["meta's vocab_size"]
+    shape = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # what builds the model
+    if not missing and any(key not in state["model_args"] for key in shape):
+        missing = [f"model_args' {', '.join(key for key in shape if key not in state['model_args'])}"]
     return f"not a checkpoint of this trainer: it has no {', no '.join(missing)}" if missing else None
 
 

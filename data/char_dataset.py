@@ -45,6 +45,8 @@ def write_atomically(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # as checkpoints are: a crash never leaves a renamed file with no bytes
     os.replace(tmp, path)
 
 

@@ -40,4 +40,6 @@ for name, dset in split.items():
 tmp = os.path.join(here, f"meta.json.tmp{os.getpid()}")
 with open(tmp, "w") as f:
     json.dump({"vocab_size": enc.n_vocab, "tokenizer": "gpt2", "dtype": "uint16"}, f)
+    f.flush()
+    os.fsync(f.fileno())
 os.replace(tmp, os.path.join(here, "meta.json"))
