@@ -82,16 +82,18 @@ class _Output:
         self.f.flush()
 
 
-def save(out_dir, step, state, cancel=None):
+def save(out_dir, step, state, cancel=None, written=None):
     """Publish ckpt_<step>.pt atomically: temporary name, fsync, rename, fsync of the folder. Setting the
-    threading.Event `cancel` stops a save in progress (SaveCancelled); whatever fails, no temporary file stays."""
+    threading.Event `cancel` stops a save in progress (SaveCancelled); whatever fails, no temporary file of ours
+    stays. `written`, a list, gets the file's identity (see same_file)."""
     if not torch_save_config.save.compute_crc32:  # on by default; off, every record would fail its check
         raise CheckpointError("torch.utils.serialization.config.save.compute_crc32 is off: checkpoints need it")
     path = path_for(out_dir, step)
     tmp = path + TMP_SUFFIX
-    out = None
+    out = ours = None
     try:
         with open(tmp, "wb") as f:
+            ours = os.fstat(f.fileno())
             out = _Output(f, cancel)
             torch.save(state, out)
             f.flush()
@@ -99,14 +101,25 @@ def save(out_dir, step, state, cancel=None):
         os.replace(tmp, path)
         fsync_dir(out_dir)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if ours is not None and same_file(tmp, ours):  # by path: never another run's, in a folder made anew
             os.remove(tmp)
         # torch's zip writer may report what failed in write() (a disk error, Ctrl-C, SaveCancelled) as a RuntimeError
         cause = out.error if out and out.error else e
         if isinstance(cause, OSError):
             raise CheckpointError(f"cannot write checkpoint {cause.filename or tmp}: {cause.strerror}") from None
         raise cause
+    if written is not None:
+        written.append(ours)
     return path
+
+
+def same_file(path, stat):
+    """Whether path names the file that os.stat or os.fstat described as `stat` (False when path is gone)."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (stat.st_dev, stat.st_ino)
 
 
 def fsync_dir(path):

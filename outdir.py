@@ -60,13 +60,9 @@ class Guard:
         self.out_dir, self.held, self.folder = out_dir, os.fstat(lock_file.fileno()), os.stat(out_dir)
 
     def foreign(self):
-        """Whether the folder at out_dir's path is another than the one this run locked (a file just written
-        there by path landed in another run's folder)."""
-        try:
-            now = os.stat(self.out_dir)
-        except OSError:
-            return True
-        return (now.st_dev, now.st_ino) != (self.folder.st_dev, self.folder.st_ino)
+        """Whether the folder at out_dir's path is another than the one locked: a file written there by path
+        since landed in another run's folder."""
+        return not checkpoint.same_file(self.out_dir, self.folder)
 
     def __call__(self):
         try:

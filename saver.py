@@ -48,15 +48,16 @@ def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None, g
     """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background. guard()
     runs before each, to refuse a folder that is no longer this run's (outdir.Guard)."""
     guard()
+    written = []
     try:
-        path = checkpoint.save(out_dir, step, state, cancel)
+        path = checkpoint.save(out_dir, step, state, cancel, written)
     except checkpoint.CheckpointError:
         guard()  # a folder deleted mid-save says so, rather than "no such file"
         raise
     try:
         guard()
     except checkpoint.CheckpointError:
-        if guard.foreign():  # replaced while this file was written: take back what landed in another's folder
+        if guard.foreign() and checkpoint.same_file(path, written[0]):  # ours, in another run's folder
             os.remove(path)
         raise
     return path, checkpoint.prune(out_dir, keep_last, keep_every, protect)
