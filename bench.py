@@ -158,7 +158,7 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
 
     # 2. what a checkpoint stalls the loop: sync save, async save (the snapshot), a plain copy (the floor)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1, "meta": meta,
-             "model_args": SIZES[size]}
+             "model_args": {"bias": True, "dropout": 0.0} | SIZES[size]}  # GPTConfig's defaults, as built
     buffers = {}
     saver.snapshot(state, buffers)  # the first call allocates (pinned on a GPU) buffers that later saves reuse
     nbytes = sum(t.numel() * t.element_size() for t in buffers.values())  # each tensor once: tied weights are one
