@@ -150,6 +150,7 @@ def test_help_lists_every_key_with_its_default_and_comment(capsys):
         train.main(["--help"])
     assert done.value.code == 0
     printed = capsys.readouterr().out
+    assert printed.startswith("usage: python ") and "[config.py ...] [--key=value ...]" in printed.splitlines()[0]
     for key, default, comment in train.CONFIG:
         assert f"--{key}={default!r}" in printed and comment in printed
 
