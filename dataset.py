@@ -60,9 +60,13 @@ def load_dataset(name, block_size, trained_on=None):
     other data, and the same data skips the scan of every token id, done when the run began."""
     folder = dataset_dir(name)
     paths = [os.path.join(folder, f) for f in ("train.bin", "val.bin", "meta.json")]
-    nanogpt = all(map(os.path.exists, paths[:2])) and not os.path.exists(paths[2])
+    # nanoGPT's layout: train.bin and val.bin with meta.pkl, or alone where no prepare.py of ours is at work (it
+    # writes meta.json last, so its dataset half-made looks the same)
+    meta_pkl = os.path.join(folder, "meta.pkl")
+    nanogpt = all(map(os.path.exists, paths[:2])) and not os.path.exists(paths[2]) and (
+        os.path.exists(meta_pkl) or not os.path.exists(os.path.join(folder, "prepare.py")))
     if nanogpt:  # nanoGPT's layout: meta.pkl for characters, no meta at all for GPT-2's BPE (OpenWebText)
-        meta_bytes, meta = nanogpt_meta(name, os.path.join(folder, "meta.pkl"))
+        meta_bytes, meta = nanogpt_meta(name, meta_pkl)
     else:
         prepare(name, folder, paths)
     missing = [f for f in paths if not os.path.exists(f)]

@@ -1063,6 +1063,15 @@ def test_a_nanogpt_prepared_dataset_trains_as_it_is(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"meta.pkl is not nanoGPT's meta.pkl \(UnpicklingError: posix.system"):
         run(tmp_path / "out-evil", str(evil), "--max_iters=1")
     assert not (tmp_path / "out-evil").exists() and not os.path.exists("pwned")
+    # one of ours, half-prepared (meta.json, written last, not yet there): prepared, never read as nanoGPT's
+    half = tmp_path / "half"
+    write_tokens(half, ids, {})
+    (half / "meta.json").unlink()
+    (half / "prepare.py").write_text("import json, os\nhere = os.path.dirname(os.path.abspath(__file__))\n"
+                                     "json.dump({'vocab_size': 20, 'chars': [chr(65 + i) for i in range(20)]}, "
+                                     "open(os.path.join(here, 'meta.json'), 'w'))\n")
+    run(tmp_path / "out-half", str(half), "--max_iters=1")
+    assert "chars" in state_at(tmp_path / "out-half", 1)["meta"]
 
 
 def test_token_dtypes_and_data_errors_are_caught_before_anything_is_written(tmp_path):
