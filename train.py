@@ -19,13 +19,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import outdir
-from logs import Metrics
-from saver import Saver
 from configurator import ConfigError, check_ranges, parse, run_main
 from dataset import (EVAL_STREAM, TRAIN_STREAM, batch_starts, get_batch, load_dataset, micro_seed,
                      model_vocab_size)
 from device import check_device, peak_flops, setup_runtime
+from logs import Metrics
 from model import GPT, GPTConfig
+from saver import Saver
 
 CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this table
     # ---- the run: where it lives, where it starts ----
@@ -80,7 +80,7 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     ("seed", 1337, "seeds the initial weights, the batches and dropout"),
 ]
 # What a run carries across a resume besides model and optimizer, saved and restored (an older
-# checkpoint resumes a missing key's default); best_checkpoint: [val loss, step]; origin: step 0's
+# checkpoint resumes a missing key's default). best_checkpoint: [val loss, step]; origin: whose weights
 LOOP_STATE = {"best_val_loss": float("inf"), "tokens_seen": 0, "best_checkpoint": None,
               "origin": "scratch", "wandb_run_id": None}
 
