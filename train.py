@@ -80,7 +80,7 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     ("seed", 1337, "seeds the initial weights, the batches and dropout"),
 ]
 # What a run carries across a resume besides model and optimizer, saved and restored (an older
-# checkpoint resumes a missing key's default). best_checkpoint: [val loss, step]; origin: whose weights
+# checkpoint resumes a missing key's default); origin names the weights step 0 started from
 LOOP_STATE = {"best_val_loss": float("inf"), "tokens_seen": 0, "best_checkpoint": None,
               "origin": "scratch", "wandb_run_id": None}
 
