@@ -24,6 +24,7 @@ from torch.utils.serialization import config as torch_save_config
 
 CKPT_NAME = re.compile(r"ckpt_(\d{7,})\.pt")
 TMP_SUFFIX = ".tmp"
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # model_args that build the model
 NANOGPT_NAME = "ckpt.pt"  # nanoGPT's one checkpoint file in its out_dir: init_from reads it, nothing resumes it
 _checkers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # zlib.crc32 releases the GIL
 
@@ -185,7 +186,7 @@ def from_nanogpt(state):
     args = state["model_args"]
     weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()
                if not (k.endswith("attn.bias") and v.dim() == 4)}  # the causal mask of its non-flash attention
-    shape = {k: args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")}
+    shape = {k: args[k] for k in SHAPE_KEYS}
     meta = {"vocab_size": args["vocab_size"]} | ({"tokenizer": "gpt2"} if args["vocab_size"] >= 50257 else {})
     return {"model": weights, "model_args": shape | {"dropout": args.get("dropout", 0.0)},
             "step": state["iter_num"], "meta": meta, "origin": "nanoGPT"}
@@ -200,9 +201,8 @@ def not_ours(state):
     missing = [key for key, kind in kinds.items() if not isinstance(state.get(key), kind)]
     if not missing and not isinstance(state["meta"].get("vocab_size"), int):
         missing = ["meta's vocab_size"]
-    shape = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # what builds the model
-    if not missing and any(key not in state["model_args"] for key in shape):
-        missing = [f"model_args' {', '.join(key for key in shape if key not in state['model_args'])}"]
+    if not missing and any(key not in state["model_args"] for key in SHAPE_KEYS):
+        missing = [f"model_args' {', '.join(key for key in SHAPE_KEYS if key not in state['model_args'])}"]
     return f"not a checkpoint of this trainer: it has no {', no '.join(missing)}" if missing else None
 
 

@@ -54,7 +54,6 @@ def split_metrics(out_dir, step):
 
 class NoWandb:
     """wandb's stand-in when wandb_log is off: the same calls, doing nothing."""
-    id = None
 
     def log(self, fields, step):
         pass

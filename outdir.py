@@ -22,7 +22,7 @@ from hf_gpt2 import GPT2_HUB_NAMES, load_hf_gpt2
 from logs import Metrics, metrics_path, split_metrics, start_wandb, write_whole
 
 RUN_KEYS = ("out_dir", "from_checkpoint_step", "init_from", "eval_only")  # this command's alone, never inherited
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # the model's, from its weights
+SHAPE_KEYS = checkpoint.SHAPE_KEYS  # the model's: a resume and init_from take them from the weights
 LOCK_NAME = "train.lock"
 
 

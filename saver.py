@@ -67,7 +67,7 @@ class Saver:
     """Writes a run's checkpoints on its own thread, one at a time: save() waits only for the snapshot. A failed
     save raises at the next save(), poll() or finish()."""
 
-    def __init__(self, out_dir, keep_last, keep_every, wait, guard=lambda: None, log=print):
+    def __init__(self, out_dir, keep_last, keep_every, wait, guard=None, log=print):
         self.out_dir, self.keep_last, self.keep_every, self.wait, self.log = out_dir, keep_last, keep_every, wait, log
         self.guard = guard or (lambda: None)
         self.thread, self.cancel, self.in_flight, self.buffers = ThreadPoolExecutor(max_workers=1), Event(), None, {}
