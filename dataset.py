@@ -65,7 +65,7 @@ def load_dataset(name, block_size, trained_on=None):
     meta_pkl = os.path.join(folder, "meta.pkl")
     nanogpt = all(map(os.path.exists, paths[:2])) and not os.path.exists(paths[2]) and (
         os.path.exists(meta_pkl) or not os.path.exists(os.path.join(folder, "prepare.py")))
-    if nanogpt:  # nanoGPT's layout: meta.pkl for characters, no meta at all for GPT-2's BPE (OpenWebText)
+    if nanogpt:
         meta_bytes, meta = nanogpt_meta(name, meta_pkl)
     else:
         prepare(name, folder, paths)
