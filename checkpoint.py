@@ -1,18 +1,20 @@
 """
-One checkpoint file per step, <out_dir>/ckpt_<step>.pt: the state after that many optimizer steps.
+One checkpoint per step, the state after that many optimizer steps: a file <out_dir>/ckpt_<step>.pt, or a sharded
+run's folder <out_dir>/ckpt_<step>/ (its format: sharded.py). Each is written under a temporary name, fsynced and
+renamed: one with a final name is complete. A file is what torch.save writes, a zip file whose records each carry
+a CRC32, and it loads with torch.load(path, weights_only=True); a folder's run.pt is such a file and records the
+CRC32 of the folder's other files. load() checks every record and file first, so a checkpoint damaged later (cut
+short by a copy, a bit flipped on disk) is refused, never loaded; it gives the same dict from a file or a folder.
 
-A file is what torch.save writes, a zip file whose records each carry a CRC32, and it loads with
-torch.load(path, weights_only=True). It is written under a temporary name, fsynced and renamed, so a file with
-a final name is complete. load() checks every record against its CRC32 first, so a file damaged later (cut short
-by a copy, a bit flipped on disk) is refused, never loaded.
-
-In order below: writing (save), reading (verify, load, find), and the folder (prune, remove_temporaries,
-describe: `python checkpoint.py out_dir`). saver.py writes them in the background; what else a run keeps in
-out_dir (its lock, rewinds, metrics) is outdir.py's.
+In order below: writing (save), reading (verify, load, find), the out_dir (prune, remove_temporaries, describe:
+`python checkpoint.py out_dir`), to_file. saver.py writes them in the background (a folder: saver.publish_folder);
+what else a run keeps in out_dir (its lock, rewinds, metrics) is outdir.py's.
 """
+import difflib
 import mmap
 import os
 import re
+import shutil
 import sys
 import time
 import zipfile
@@ -22,9 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.utils.serialization import config as torch_save_config
 
-CKPT_NAME = re.compile(r"ckpt_(\d{7,})\.pt")
+import sharded
+from hf_gpt2 import from_nanogpt
+from model import SHAPE_KEYS
+
+CKPT_NAME = re.compile(r"ckpt_(\d{7,})(\.pt)?")  # a file, or a sharded run's folder
 TMP_SUFFIX = ".tmp"
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # model_args that build the model
 NANOGPT_NAME = "ckpt.pt"  # nanoGPT's one checkpoint file in its out_dir: init_from reads it, nothing resumes it
 _checkers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # zlib.crc32 releases the GIL
 
@@ -45,8 +50,10 @@ class SaveCancelled(Exception):
     """A save given up on request (a second Ctrl-C): its temporary file is gone, nothing else changed."""
 
 
-def path_for(out_dir, step):
-    return os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+def path_for(out_dir, step, folder=None):
+    """Step's checkpoint: the file ckpt_<step>.pt or the folder ckpt_<step>; folder=None: the one out_dir holds."""
+    base = os.path.join(out_dir, f"ckpt_{step:07d}")
+    return base if (os.path.isdir(base) if folder is None else folder) else base + ".pt"
 
 
 def list_steps(out_dir):
@@ -54,8 +61,9 @@ def list_steps(out_dir):
     if not os.path.isdir(out_dir):
         return []
     # canonical names only: ckpt_00000010.pt is no step's file, and a file this trainer never reads
-    return sorted(int(m.group(1)) for m in map(CKPT_NAME.fullmatch, os.listdir(out_dir))
-                  if m and m.group(0) == os.path.basename(path_for(out_dir, int(m.group(1)))))
+    return sorted({int(m.group(1)) for m in map(CKPT_NAME.fullmatch, os.listdir(out_dir))
+                   if m and m.group(0) == os.path.basename(path_for(out_dir, int(m.group(1)), not m.group(2)))
+                   and os.path.isdir(os.path.join(out_dir, m.group(0))) == (not m.group(2))})
 
 
 class _Output:
@@ -83,13 +91,13 @@ class _Output:
         self.f.flush()
 
 
-def save(out_dir, step, state, cancel=None, written=None):
-    """Publish ckpt_<step>.pt atomically: temporary name, fsync, rename, fsync of the folder. Setting the
-    threading.Event `cancel` stops a save in progress (SaveCancelled); whatever fails, no temporary file of ours
+def save(out_dir, step, state, cancel=None, written=None, path=None):
+    """Publish ckpt_<step>.pt (or `path`) atomically: temporary name, fsync, rename, fsync of the folder. Setting
+    the threading.Event `cancel` stops a save in progress (SaveCancelled); whatever fails, no temporary file of ours
     stays. `written`, a list, gets the file's identity (see same_file)."""
     if not torch_save_config.save.compute_crc32:  # on by default; off, every record would fail its check
         raise CheckpointError("torch.utils.serialization.config.save.compute_crc32 is off: checkpoints need it")
-    path = path_for(out_dir, step)
+    path = path or path_for(out_dir, step, folder=False)
     tmp = path + TMP_SUFFIX
     out = ours = None
     try:
@@ -100,7 +108,7 @@ def save(out_dir, step, state, cancel=None, written=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(out_dir)
+        fsync_dir(os.path.dirname(path))
     except BaseException as e:
         if ours is not None and same_file(tmp, ours):  # by path: never another run's, in a folder made anew
             os.remove(tmp)
@@ -149,15 +157,23 @@ def verify(path):
     return f"checksum mismatch in {bad[0]}: the file is damaged" if bad else None
 
 
-def load(path):
+def load(path, whole=True, checked=False):
     """Verify and load a checkpoint (tensors and plain data only). CheckpointError when it is damaged, not one of
     ours, or holds another step than its name says; ReadError when the system cannot read it (EIO, EMFILE: the
-    file may be fine); Vanished when it is gone (a live run pruned it)."""
+    file may be fine); Vanished when it is gone (a live run pruned it). whole=False leaves a folder's tensors on
+    disk, for sharded.load_shards: its dict then has "shards", the folder, instead of the model and optimizer;
+    checked=True skips their CRC32s (rank 0 just checked them: the other ranks of a job would read it all again)."""
     try:
-        problem = verify(path)
+        folder = os.path.isdir(path)
+        problem = verify(os.path.join(path, sharded.RUN_NAME) if folder else path)
         if problem is None:
             # mmap: tensors come straight from the page cache the check just filled, copy-on-write
-            state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            state = torch.load(os.path.join(path, sharded.RUN_NAME) if folder else path, weights_only=True,
+                               map_location="cpu", mmap=True)
+            if folder and isinstance(state, dict) and not checked:  # a non-dict: not_ours names what it holds
+                problem = sharded.damaged(path, state)
+        if folder and problem is None and isinstance(state, dict):
+            state = sharded.read_whole(path, state) if whole else state | {"shards": path, "model": {}}
     except FileNotFoundError:
         raise Vanished(f"checkpoint {path} is gone: deleted while being read") from None
     except OSError as e:
@@ -179,19 +195,6 @@ def load(path):
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
 
 
-def from_nanogpt(state):
-    """A nanoGPT checkpoint (its out_dir's one ckpt.pt: iter_num, model_args, weights under torch.compile's
-    _orig_mod. names) as a reader sees ours: clean names, its step, the vocabulary's size (nanoGPT keeps the
-    characters in the dataset's meta.pkl; a vocabulary of 50257 or more is GPT-2's BPE)."""
-    args = state["model_args"]
-    weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()
-               if not (k.endswith("attn.bias") and v.dim() == 4)}  # the causal mask of its non-flash attention
-    shape = {k: args[k] for k in SHAPE_KEYS}
-    meta = {"vocab_size": args["vocab_size"]} | ({"tokenizer": "gpt2"} if args["vocab_size"] >= 50257 else {})
-    return {"model": weights, "model_args": shape | {"dropout": args.get("dropout", 0.0)},
-            "step": state["iter_num"], "meta": meta, "origin": "nanoGPT"}
-
-
 def not_ours(state):
     """What a loaded file lacks of what every reader relies on (the weights, their shape, the step and the
     vocabulary), or None: a file of another trainer is refused in one line, not with a KeyError later."""
@@ -206,7 +209,7 @@ def not_ours(state):
     return f"not a checkpoint of this trainer: it has no {', no '.join(missing)}" if missing else None
 
 
-def find(out_dir, requested, warn=print):
+def find(out_dir, requested, warn=print, whole=True):
     """The (step, state) to resume: requested=-1 is the newest good checkpoint, skipping damaged ones with a
     warning, or (0, None) when there is none (when there are only damaged ones, an error lists them);
     N > 0 is exactly step N; 0 is a fresh start. A file that a live run deletes while it is read is not damage:
@@ -222,7 +225,7 @@ def find(out_dir, requested, warn=print):
         try:
             for step in [requested] if requested > 0 else reversed(steps):
                 try:
-                    return step, load(path_for(out_dir, step))
+                    return step, load(path_for(out_dir, step), whole)
                 except (Vanished, ReadError):
                     raise
                 except CheckpointError as e:
@@ -244,10 +247,22 @@ def find_to_read(out_dir, requested, reader):
     step N; `reader` says what the script does with it ("sample from"), for the error when there is none."""
     if requested < -1 or requested == 0:
         raise CheckpointError(f"from_checkpoint_step must be -1 (newest) or a step, got {requested}")
-    step, state = find(out_dir, requested, warn=lambda message: print(message, file=sys.stderr))
+    warn = lambda message: print(message, file=sys.stderr)
+    step, state = find(out_dir, requested, warn) if list_steps(out_dir) else (0, None)
     if state is None:
-        raise CheckpointError(f"no checkpoint to {reader} in {out_dir}")
+        raise CheckpointError(f"no checkpoint to {reader} in {out_dir}{similar_run(out_dir)}")
     return step, state
+
+
+def similar_run(out_dir):
+    """' (did you mean --out_dir=X?)' for a folder X beside out_dir, with a similar name, that has checkpoints."""
+    parent, name = os.path.split(os.path.normpath(out_dir))
+    try:
+        runs = [n for n in os.listdir(parent or ".") if n != name and list_steps(os.path.join(parent, n))]
+    except OSError:  # a folder there that cannot be read: no suggestion, the error stands as it is
+        runs = []
+    close = difflib.get_close_matches(name, runs, n=1)
+    return f" (did you mean --out_dir={os.path.join(parent, close[0])}?)" if close else ""
 
 
 def prune(out_dir, keep_last, keep_every, protect=()):
@@ -259,30 +274,37 @@ def prune(out_dir, keep_last, keep_every, protect=()):
     keep = set(steps[-keep_last:]) | set(protect) | {steps[-1]}
     doomed = [s for s in steps if s not in keep and not (keep_every and s % keep_every == 0)]
     for s in doomed:
+        path = path_for(out_dir, s)
         try:
-            os.remove(path_for(out_dir, s))
+            if os.path.isdir(path):  # renamed away first: no half-deleted folder ever holds a final name
+                os.rename(path, path + TMP_SUFFIX)
+            _delete(path + TMP_SUFFIX if os.path.isdir(path + TMP_SUFFIX) else path)
         except OSError as e:  # a checkpoint we failed to delete costs disk space, not correctness
             print(f"warning: cannot delete {e.filename}: {e.strerror}")
     return doomed
 
 
 def remove_temporaries(out_dir):
-    """Delete what a crash mid-save left behind; no reader ever looks at these files."""
+    """Delete what a crash mid-save (or mid-prune) left behind; no reader ever looks at these."""
     for name in os.listdir(out_dir):
         if name.endswith(TMP_SUFFIX) and CKPT_NAME.fullmatch(name[:-len(TMP_SUFFIX)]):
-            os.remove(os.path.join(out_dir, name))
+            _delete(os.path.join(out_dir, name))
+
+
+def _delete(path):
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def describe(out_dir):
-    """(one line per checkpoint: step, when written, train/val loss at that step, size, and whether it verifies;
-    whether all of them do)."""
+    """(a line per checkpoint: step, when written, train/val loss, size, whether it verifies; whether all do)."""
     lines = [f"{'step':>7}  {'written':19}  {'train loss':>10}  {'val loss':>8}  {'size':>10}  status"]
     origin, names, all_ok = "scratch", sorted(os.listdir(out_dir)), True
     for step in list_steps(out_dir):
         path = path_for(out_dir, step)
         try:  # a live run may prune this file while we look
-            written, size = os.path.getmtime(path), os.path.getsize(path)
-            state = load(path)
+            written = os.path.getmtime(path)
+            size = sum(e.stat().st_size for e in os.scandir(path)) if os.path.isdir(path) else os.path.getsize(path)
+            state = load(path, whole=False)
             written, status = state.get("written_at", written), "ok"
             losses, origin = (state.get("train_loss"), state.get("val_loss")), state.get("origin", origin)
         except (FileNotFoundError, Vanished):
@@ -303,15 +325,26 @@ def describe(out_dir):
     return "\n".join(lines), all_ok
 
 
-if __name__ == "__main__":  # exit 0: every checkpoint verifies; 1: one does not; 2: bad usage
-    if sys.argv[1:] in (["--help"], ["-h"]):
-        print("usage: python checkpoint.py <out_dir>   (lists the checkpoints in out_dir and verifies each; exit 1 "
-              "when one is damaged)")
-        sys.exit(0)
-    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
-        print("usage: python checkpoint.py <out_dir>   (lists the checkpoints in out_dir and verifies each)",
-              file=sys.stderr)
-        sys.exit(2)
-    text, all_ok = describe(sys.argv[1])
+def to_file(source, target):
+    """Write the checkpoint at source (a sharded run's folder, say) as one file: what a single process reads."""
+    if os.path.exists(target):
+        raise CheckpointError(f"{target} exists: name a new file")
+    state = load(source)
+    save(None, state["step"], state, path=target)
+    return f"wrote {target} (step {state['step']}, from {source})"
+
+
+if __name__ == "__main__":  # exit 0: every checkpoint verifies (or the file is written); 1: one does not; 2: error
+    args = sys.argv[1:]
+    usage = ("usage: python checkpoint.py <out_dir>   (lists its checkpoints and verifies each; exit 1 when one is "
+             "damaged)\n       python checkpoint.py <checkpoint> <file.pt>   (writes a checkpoint as one file)")
+    if args in (["--help"], ["-h"]):
+        sys.exit(print(usage))
+    if not (len(args) == 1 and os.path.isdir(args[0]) or len(args) == 2 and os.path.exists(args[0])):
+        sys.exit(print(usage, file=sys.stderr) or 2)
+    try:
+        text, all_ok = (to_file(*args), True) if len(args) == 2 else describe(args[0])
+    except CheckpointError as e:
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
     print(text)
     sys.exit(0 if all_ok else 1)

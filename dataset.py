@@ -23,7 +23,7 @@ import sys
 import numpy as np
 import torch
 
-from configurator import ConfigError
+from configurator import ConfigError, is_rank_0
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TRAIN_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2  # keep the three uses of the seed independent
@@ -36,10 +36,12 @@ def dataset_dir(name):
 
 
 def prepare(name, folder, paths):
-    """Run the folder's prepare.py if some file is missing; torchrun's ranks queue on a lock and the first prepares."""
+    """Run the folder's prepare.py if some file is missing; torchrun's ranks queue on a lock and the first prepares.
+    Returns whether the dataset was prepared now, by this process or by one it waited for. The script's output is
+    kept for an error's line: load_dataset sums up what it wrote."""
     script = os.path.join(folder, "prepare.py")
     if all(map(os.path.exists, paths)) or not os.path.exists(script):
-        return
+        return False
     try:
         with open(os.path.join(folder, "prepare.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -51,6 +53,7 @@ def prepare(name, folder, paths):
                     raise ConfigError(f"dataset {name}: {script} failed: {last}")
     except OSError as e:
         raise ConfigError(f"dataset {name}: cannot prepare it in {folder}: {e.strerror}") from None
+    return True
 
 
 def load_dataset(name, block_size, trained_on=None):
@@ -65,10 +68,9 @@ def load_dataset(name, block_size, trained_on=None):
     meta_pkl = os.path.join(folder, "meta.pkl")
     nanogpt = all(map(os.path.exists, paths[:2])) and not os.path.exists(paths[2]) and (
         os.path.exists(meta_pkl) or not os.path.exists(os.path.join(folder, "prepare.py")))
+    prepared = not nanogpt and prepare(name, folder, paths)
     if nanogpt:
         meta_bytes, meta = nanogpt_meta(name, meta_pkl)
-    else:
-        prepare(name, folder, paths)
     missing = [f for f in paths if not os.path.exists(f)]
     if missing and not nanogpt:
         under_data = folder == os.path.join(DATA_DIR, name)
@@ -114,6 +116,10 @@ def load_dataset(name, block_size, trained_on=None):
             if top >= meta["vocab_size"]:
                 raise ConfigError(f"dataset {name}: {path} holds token id {top}, outside meta.json's vocab_size "
                                   f"{meta['vocab_size']}; prepare the dataset again")
+    if prepared and is_rank_0():  # what the first run trains on, said once, whichever rank ran prepare.py
+        kind = "characters" if "chars" in meta else "GPT-2 BPE tokens" if meta.get("tokenizer") == "gpt2" else "ids"
+        print(f"dataset {name} prepared in {folder}: {len(arrays[0]):,} train and {len(arrays[1]):,} val tokens; "
+              f"vocabulary: {meta['vocab_size']:,} {kind}")
     return meta, arrays[0], arrays[1], fingerprint
 
 

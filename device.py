@@ -3,13 +3,21 @@ Where a run computes, and how: the device (auto, cpu, cuda, cuda:N, mps; under t
 the dtype (auto: bfloat16 on a GPU that has it, else float16 with loss scaling; float32 on a CPU), deterministic
 kernels, TF32, and the GPU's peak FLOP/s for MFU. resolve_device and resolve_dtype are pure functions of what the
 machine has, so a CPU test covers every GPU case; setup_runtime applies them before anything touches CUDA.
+
+Under torchrun, join_job joins the job's process group and leaves it: each start of the job (torchrun
+--max-restarts starts the workers again after one died) rejoins under a store prefix of its own, and a run that
+ends without an exception exits 0 once Python's exit functions have run, never aborted by a gloo thread.
 """
+import atexit
 import importlib
 import os
 import sys
-from contextlib import nullcontext
+import time
+import uuid
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.distributed as dist
 
 from configurator import ConfigError
 
@@ -99,3 +107,65 @@ def peak_flops(device, name=None):
         return None
     words = set((torch.cuda.get_device_name(device) if name is None else name).replace("-", " ").split())
     return next((flops for key, flops in PEAK_FLOPS if words.issuperset(key)), None)
+
+
+@contextmanager
+def join_job(backend="gloo", timeout=dist.default_pg_timeout):
+    """Join the process group of the job torchrun started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), under a
+    prefix of its store that this start of the job alone uses; destroy it on the way out. torchrun keeps one store
+    for all the starts of a job (the agent's own, which MASTER_ADDR:MASTER_PORT names, on one node or many), and
+    the keys of the workers that died are in it: under their names, the workers of a restart would read a dead
+    rank's address and fail or wait forever (pytorch/pytorch#135712). A run that ends without an exception then
+    ends its process in exit_cleanly, after Python's exit functions."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # torch's env:// store, as init_process_group would make it: a client of the agent's under torchrun
+    store = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))[0]
+    start = name_this_start(dist.PrefixStore("job-starts", store), rank, world_size, timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(start, store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+    atexit.register(exit_cleanly)  # reached only by a run that ended without an exception
+
+
+def name_this_start(store, rank, world_size, timeout):
+    """A name for this start of the job: the same on every rank, and new. TORCHELASTIC_RESTART_COUNT cannot be it:
+    an agent that restarts its workers because another node's died does not count that restart ("membership changes
+    do not count as retries", torch.distributed.elastic.agent.server.api), so the nodes of a job may count apart.
+    Rank 0 names the start with a fresh uuid, and answers each rank, which asks under a fresh uuid of its own: what
+    hello/<rank> holds may be an earlier start's question until that rank asks, so rank 0 answers every new one it
+    reads until each rank says it has the name."""
+    me = uuid.uuid4().hex
+    if rank:
+        store.set(f"hello/{rank}", me)
+        name = store.get(f"welcome/{me}").decode()  # a key no earlier start can have written
+        store.set(f"{name}/ready/{rank}", "")
+        return name
+    ready, answered = [f"{me}/ready/{r}" for r in range(1, world_size)], set()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not store.check(ready):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every rank of the job joined within {timeout}")
+        for hello in set(store.multi_get([f"hello/{r}" for r in range(1, world_size)])) - answered:
+            store.set(f"welcome/{hello.decode()}", me)
+            answered.add(hello)
+        time.sleep(0.01)
+    return me
+
+
+def exit_cleanly():
+    """The end of a finished run's process: Python's exit functions, then exit code 0 without finalizing the
+    interpreter. A gloo group can outlive destroy_process_group (FSDP2's state holds its group, and gc cannot free
+    it), and its worker thread may drop the last reference to a collective's tensor just as the process exits: it
+    then takes the GIL to free the tensor's Python object, torch checking only Py_IsInitialized() first. A thread
+    that reaches the GIL once finalizing has begun is ended by CPython with pthread_exit, whose unwinding through a
+    noexcept destructor calls std::terminate: "terminate called without an active exception", SIGABRT, and torchrun
+    reports a finished job failed. Not finalizing leaves no moment for that."""
+    # the exit functions registered before this one (logging's, multiprocessing's) would run after it: run them
+    atexit.unregister(exit_cleanly)  # now, which os._exit would skip, but not this one again
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -4,19 +4,23 @@ Export the checkpoint of any step as a Hugging Face GPT-2 folder, which transfor
 
     python export.py --out_dir=out --from_checkpoint_step=-1 --export_dir=hf-out
 
-The folder holds config.json and model.safetensors, and for a run on GPT-2's BPE (meta.json's "tokenizer" is
-"gpt2") GPT-2's tokenizer: vocab.json, merges.txt and tokenizer_config.json. The model computes what ours does:
-config.json says activation_function "gelu", the exact GELU of our MLP, and a model trained with bias=False gets
-zero biases, as GPT-2 always has them. A vocabulary padded for speed (50304 for GPT-2's 50257 tokens) is exported
-as it is: the model scores 50304 ids, of which the tokenizer makes and reads the first 50257.
+The folder holds config.json, model.safetensors and the run's vocabulary, so that it decodes alone: GPT-2's
+tokenizer (vocab.json, merges.txt) for a run on GPT-2's BPE (meta.json's "tokenizer" is "gpt2"), the characters as a
+tokenizer.json (hf_gpt2.char_tokenizer) for a character-level run, and a tokenizer_config.json for AutoTokenizer.
+The model computes what ours does: config.json says activation_function "gelu", the exact GELU of our MLP, and a
+model trained with bias=False gets zero biases, as GPT-2 always has them. A vocabulary padded for speed (50304 for
+GPT-2's 50257 tokens) is exported as it is: the model scores 50304 ids, of which the tokenizer makes and reads the
+first 50257. An out_dir without checkpoints is an error that names a folder beside it, with a similar name, that
+has some.
 """
 import json
 import os
 import shutil
+import sys
 
 import checkpoint
 from configurator import ConfigError, parse, run_main
-from hf_gpt2 import save_safetensors, to_hf_gpt2
+from hf_gpt2 import char_tokenizer, save_safetensors, to_hf_gpt2
 
 CONFIG = [  # (key, default, what it sets); `python export.py --help` prints this table
     ("out_dir", "out", "folder of the run's ckpt_<step>.pt files"),
@@ -37,9 +41,11 @@ def main(argv):
     dest = os.path.normpath(cfg["export_dir"])  # no trailing slash: dest.tmp<pid> is then its sibling
     if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
         raise ConfigError(f"export_dir {dest} exists and is not an empty folder: remove it, or pass another")
-    step, state = checkpoint.find_to_read(cfg["out_dir"], cfg["from_checkpoint_step"], "export")
+    step = cfg["from_checkpoint_step"]
+    step, state = checkpoint.find_to_read(cfg["out_dir"], step, "export")
     tensors, config = to_hf_gpt2(state["model"], state["model_args"])
-    gpt2_bpe = state["meta"].get("tokenizer") == "gpt2"
+    meta = state["meta"]
+    gpt2_bpe = meta.get("tokenizer") == "gpt2"
     # transformers checks these against the vocabulary: GPT-2's <|endoftext|>, or none for another vocabulary
     config.update(bos_token_id=EOT if gpt2_bpe else None, eos_token_id=EOT if gpt2_bpe else None)
     files = {"config.json": json.dumps(config, indent=2).encode()}
@@ -49,10 +55,21 @@ def main(argv):
             try:
                 files[name] = tiktoken.load.read_file_cached(GPT2_BPE + cached, sha256)
             except Exception as e:  # offline without tiktoken's cache: requests' errors, or a hash mismatch
-                raise ConfigError(f"cannot get GPT-2's {cached} through tiktoken ({type(e).__name__}): "
-                                  f"run once with network, or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
-        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": config["n_positions"],
-                            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+                raise ConfigError(f"cannot get GPT-2's {cached} through tiktoken ({type(e).__name__}): run once "
+                                  f"with network, or set TIKTOKEN_CACHE_DIR to a cache that has it (docs/data.md)") \
+                    from None
+        tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
+                            "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    elif "chars" in meta:
+        files["tokenizer.json"] = json.dumps(char_tokenizer(meta["chars"]), indent=1).encode()
+        # clean_up_tokenization_spaces off: it would take the space out of " ," and alter the text decoded
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    else:  # a nanoGPT checkpoint keeps its characters in its dataset's meta.pkl
+        tokenizer_config = None
+        print(f"warning: step {step} of {cfg['out_dir']} holds no vocabulary: the export has the weights alone",
+              file=sys.stderr)
+    if tokenizer_config:
+        tokenizer_config["model_max_length"] = config["n_positions"]
         files["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2).encode()
 
     # written in a temporary folder beside dest and renamed into place: export_dir is all there or not there

@@ -12,6 +12,8 @@
 #     checkpoint, are equal in every model and optimizer tensor (torch.equal)
 #   - the same without --deterministic: C is no further from A than B is (max |difference| over all tensors)
 #   - --dtype=float16 (GradScaler) --deterministic=True: a resumed run equals an unbroken one, scaler included
+#   - --fsdp=True under torchrun (FSDP2, one process): it trains on the GPU, writes checkpoint folders, and a run
+#     resumed from its halfway folder equals it; so does the folder resumed by one plain process (unsharded)
 #   - bench.py's table for the GPT-2 size, where tokens/s of train.py's loop against a plain loop, and with
 #     --deterministic=True against without, are each measured in the same run
 #
@@ -125,6 +127,7 @@ HALF=$((STEPS / 2))
 RUN=(--device="$DEVICE" --max_iters=$STEPS --lr_decay_iters=$STEPS --warmup_iters=2 --eval_iters=1
      --eval_interval=$STEPS --log_interval=$HALF --checkpoint_interval=$HALF --keep_last_checkpoints=0)
 ckpt() { printf '%s/ckpt_%07d.pt' "$OUT/$1" "$2"; }
+folder() { printf '%s/ckpt_%07d' "$OUT/$1" "$2"; }
 
 run() {  # run NAME CMD...: CMD's output into $OUT/NAME.log, its exit status into $OUT/NAME.rc, seconds into NAME.s
   local name=$1 t0=$SECONDS; shift
@@ -141,6 +144,16 @@ resume() {  # resume FROM NAME FLAGS...: FROM's halfway checkpoint, trained on i
 three() { local p=$1; shift; train "${p}_a" "$@"; train "${p}_b" "$@"; resume "${p}_a" "${p}_c" "$@"; }
 
 bench() { run bench "$PY" bench.py --device="$DEVICE" "${BENCH[@]}"; }
+sharded() {  # a sharded run (small shape, deterministic, not compiled), and two resumes of its halfway folder
+  local how=("${RUN[@]}" --n_layer=2 --n_head=2 --n_embd=64 --block_size=64 --batch_size=8 --deterministic=True
+             --compile=False --fsdp=True)
+  run fsdp "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${how[@]}" --out_dir="$OUT/fsdp"
+  mkdir -p "$OUT/fsdp_resumed" "$OUT/fsdp_unsharded"
+  cp -r "$(folder fsdp $HALF)" "$OUT/fsdp_resumed/"; cp -r "$(folder fsdp $HALF)" "$OUT/fsdp_unsharded/"
+  run fsdp_resumed "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${how[@]}" \
+    --out_dir="$OUT/fsdp_resumed"
+  run fsdp_unsharded "$PY" train.py "${how[@]}" --out_dir="$OUT/fsdp_unsharded"
+}
 torchrun_auto() {
   run torchrun "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${AUTO[@]}" \
     --out_dir="$OUT/torchrun"
@@ -151,14 +164,14 @@ if [ "$DEVICE" = cpu ]; then  # the script is what is checked here: one chain of
   NONDET=det FP16=(det_a det_c)  # a CPU computes the same without deterministic, and the det runs train in float16
   bench &
   three det --deterministic=True --dtype=float16 &
-  torchrun_auto &
+  { torchrun_auto; sharded; } &
 else
   NONDET=nondet FP16=(fp16 fp16_resumed)
   three det --deterministic=True &
   three nondet &
   { SHAPE=(--n_layer=2 --n_head=2 --n_embd=64 --block_size=64 --batch_size=8)
     train fp16 --dtype=float16 --deterministic=True; resume fp16 fp16_resumed --dtype=float16 --deterministic=True
-    torchrun_auto; } &
+    torchrun_auto; sharded; } &
 fi
 { run auto "$PY" train.py "${AUTO[@]}" --out_dir="$OUT/auto"
   run sample "$PY" sample.py --out_dir="$OUT/auto" --device=auto --num_samples=1 --max_new_tokens=100; } &
@@ -172,6 +185,8 @@ compare equal "deterministic: unbroken B == unbroken A" "$(ckpt det_a $STEPS)" "
           "$(ckpt ${NONDET}_a $STEPS)" "$(ckpt ${NONDET}_c $STEPS)" "$(ckpt ${NONDET}_b $STEPS)" \
         equal_scaler "float16 + GradScaler: resumed == unbroken" \
           "$(ckpt "${FP16[0]}" $STEPS)" "$(ckpt "${FP16[1]}" $STEPS)" \
+        equal "sharded: resumed folder == unbroken" "$(folder fsdp $STEPS)" "$(folder fsdp_resumed $STEPS)" \
+        equal "sharded: resumed unsharded == sharded" "$(folder fsdp $STEPS)" "$(ckpt fsdp_unsharded $STEPS)" \
         >"$OUT/compared.rows"
 [ -n "${KEEP:-}" ] || rm -rf "$OUT"/det_? "$OUT"/nondet_?  # 15 GB at GPT-2's size; bench.py needs the disk
 COMPARE_S=$((SECONDS - START - RUNS_S))
@@ -207,6 +222,7 @@ ratio() {  # ratio CHECK WHAT: the ratio bench.py measured in its row WHAT, with
 {
   trained auto "train.py, no config flags (device auto)"
   trained torchrun "torchrun --nproc_per_node=1 (device auto)"
+  trained fsdp "torchrun --fsdp=True, 1 process (FSDP2)"
   text=$(grep -vE '^(sampling from|-+$)' "$OUT/sample.log" | wc -c)
   if [ "$(status sample)" = ok ] && [ "$text" -gt 50 ]; then row "sample.py --device=auto" ok "$text characters of text"
   else row "sample.py --device=auto" MISSED "exit $(cat "$OUT/sample.rc"): $(tail -1 "$OUT/sample.log")"; fi

@@ -2,7 +2,9 @@
 GPT-2 weights to and from Hugging Face's format, for init_from (train.py) and export.py. load_hf_gpt2 reads a
 hub name or a folder (config.json with model.safetensors or pytorch_model.bin) into our names and shapes;
 to_hf_gpt2 turns our state dict into a GPT2LMHeadModel's, which transformers loads as it is. Both speak plain
-{name: tensor} dicts, and a small safetensors reader and writer needs no package. PretrainedError is one line.
+{name: tensor} dicts, and a small safetensors reader and writer needs no package. A character-level vocabulary
+goes out as a tokenizer.json (char_tokenizer) and comes back with load_hf_vocab. PretrainedError is one line.
+from_nanogpt reads the other GPT-2 trainer's format: nanoGPT's ckpt.pt, as checkpoint.load gives it to readers.
 """
 import json
 import mmap
@@ -10,6 +12,8 @@ import os
 import struct
 
 import torch
+
+from model import SHAPE_KEYS
 
 GPT2_HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # The name mapping, both ways: HF's GPT-2 names are ours, "transformer." dropped in files saved from GPT2Model (the
@@ -147,7 +151,8 @@ def _hub_download(name):
         return snapshot_download(f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"])
     except Exception as e:  # offline, or refused: huggingface_hub has many exception types
         raise PretrainedError(f"cannot download {name} from the Hugging Face hub ({type(e).__name__}): check the "
-                              f"network, or pass a local folder holding the model") from None
+                              f"network, or pass a folder holding its config.json and model.safetensors (offline: "
+                              f"docs/gpt2.md)") from None
 
 
 def to_hf_gpt2(state_dict, model_args):
@@ -166,3 +171,42 @@ def to_hf_gpt2(state_dict, model_args):
                   vocab_size=model_args["vocab_size"], activation_function="gelu", layer_norm_epsilon=1e-5,
                   resid_pdrop=d, embd_pdrop=d, attn_pdrop=d, initializer_range=0.02, tie_word_embeddings=True)
     return tensors, config
+
+
+def char_tokenizer(chars):
+    """tokenizer.json, Hugging Face tokenizers' format, of a character-level vocabulary in which id i is chars[i]:
+    a BPE with no merges splits text into its characters, each mapped to its id (one not in the vocabulary is
+    dropped), and the Fuse decoder joins them with nothing between. PreTrainedTokenizerFast (AutoTokenizer) loads
+    it, and plain JSON reads it: model.vocab is {character: id}."""
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": None, "post_processor": None, "decoder": {"type": "Fuse"},
+            "model": {"type": "BPE", "vocab": {ch: i for i, ch in enumerate(chars)}, "merges": []}}
+
+
+def load_hf_vocab(folder, vocab_size):
+    """The vocabulary of a Hugging Face GPT-2 folder whose model has vocab_size ids, as a dataset's meta.json
+    says it: the characters of a tokenizer.json char_tokenizer wrote, else GPT-2's BPE for a model of 50257 ids or
+    more (GPT-2's own, and any export of a run on GPT-2's BPE); None when it is neither."""
+    try:
+        with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+            model = json.load(f)["model"]
+        vocab, merges = model["vocab"], model["type"] != "BPE" or model["merges"]
+        chars = sorted(vocab, key=vocab.get)
+        ids_in_order = [vocab[ch] for ch in chars] == list(range(len(chars)))
+        if not merges and 0 < len(chars) <= vocab_size and all(len(ch) == 1 for ch in chars) and ids_in_order:
+            return {"vocab_size": len(chars), "chars": chars}
+    except (OSError, ValueError, KeyError, TypeError):  # no tokenizer.json, or another kind: not a character one
+        pass
+    return {"vocab_size": 50257, "tokenizer": "gpt2"} if vocab_size >= 50257 else None
+
+
+def from_nanogpt(state):
+    """nanoGPT's ckpt.pt (iter_num, model_args, _orig_mod. names) as a reader sees ours: clean names, its step, the
+    vocabulary's size (nanoGPT keeps characters in the dataset's meta.pkl; 50257 or more is GPT-2's BPE)."""
+    args = state["model_args"]
+    weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()
+               if not (k.endswith("attn.bias") and v.dim() == 4)}  # the causal mask of its non-flash attention
+    shape = {k: args[k] for k in SHAPE_KEYS}
+    meta = {"vocab_size": args["vocab_size"]} | ({"tokenizer": "gpt2"} if args["vocab_size"] >= 50257 else {})
+    return {"model": weights, "model_args": shape | {"dropout": args.get("dropout", 0.0)},
+            "step": state["iter_num"], "meta": meta, "origin": "nanoGPT"}

@@ -3,6 +3,7 @@ A run's log: metrics.jsonl in its out_dir, one JSON object a line ({"step": ...,
 measured}), appended and fsynced by rank 0, and Weights & Biases when wandb_log is on (NoWandb stands in when it
 is off, so the loop calls one thing either way). metrics.jsonl is the history of the live timeline: a rewind
 (outdir.py) splits it with split_metrics. A line that is no record of ours, a note added by hand say, is kept.
+Pace times what the loop prints: the time left, and a line before an evaluation or save that will take long.
 """
 import json
 import os
@@ -93,3 +94,49 @@ class Metrics:
                 raise checkpoint.CheckpointError(f"cannot write {self.file.name}: {e.strerror}") from None
         if "event" not in fields:
             self.wandb.log(fields, step=step)
+
+
+def clock(seconds):
+    """A duration as H:MM:SS."""
+    s = max(int(seconds), 0)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Pace:
+    """The loop's clock. It measures evaluations and saves as they run (time) and takes a step's training time from
+    the loop (left); an evaluation not measured yet is estimated from the step: 2 x eval_iters batches of forward
+    passes, a forward pass a third of a micro-step's forward and backward. left() counts the evaluations and saves
+    still due, and time() says first what one will do when it is expected to take LONG or more."""
+
+    LONG = 20.0  # seconds: the wait beyond which a silent terminal looks like a hang
+
+    def __init__(self, cfg, local_accum, log=print):
+        self.cfg, self.local_accum, self.log = cfg, local_accum, log
+        self.step_s, self.took = None, {"eval": None, "save": None}
+
+    def expected(self, what):
+        """Seconds an evaluation or save is expected to take: the last one's, or for an evaluation the estimate."""
+        if self.took[what] is None and what == "eval" and self.step_s is not None:
+            return 2 * self.cfg["eval_iters"] * self.step_s / self.local_accum / 3
+        return self.took[what] or 0.0
+
+    def left(self, step, step_s):
+        """The time to max_iters from `step`, at step_s seconds a step, with the evaluations and saves due (at their
+        intervals, and at the last step; `step`'s own too, which the loop does after it prints this), as H:MM:SS."""
+        self.step_s, end = step_s, self.cfg["max_iters"]
+        due = {what: end // self.cfg[key] - (step - 1) // self.cfg[key] + (end % self.cfg[key] != 0)
+               for what, key in (("eval", "eval_interval"), ("save", "checkpoint_interval"))}
+        return clock((end - step) * step_s + sum(n * self.expected(what) for what, n in due.items()))
+
+    def time(self, what, step, run, *args, **kwargs):
+        """run(*args, **kwargs), an evaluation or a save of `step`, said first when it is expected to take LONG or
+        more; its duration is what the next one expects."""
+        expected = self.expected(what)
+        if expected >= self.LONG:
+            doing = (f"estimating the train and val loss on eval_iters={self.cfg['eval_iters']} batches each"
+                     if what == "eval" else "saving a checkpoint")
+            self.log(f"step {step}: {doing}, about {clock(expected)}")
+        began = time.perf_counter()
+        result = run(*args, **kwargs)
+        self.took[what] = time.perf_counter() - began
+        return result

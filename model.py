@@ -22,6 +22,9 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2; False is a little faster and better
 
 
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")  # the fields that shape the weights
+
+
 class LayerNorm(nn.Module):
     """LayerNorm whose bias can be switched off, which nn.LayerNorm does not allow on older torch."""
 

@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-from configurator import ConfigError
+from configurator import STOP_SIGNALS, ConfigError, ScriptSignals, is_rank_0
 from hf_gpt2 import GPT2_HUB_NAMES, load_hf_gpt2
 from logs import Metrics, metrics_path, split_metrics, start_wandb, write_whole
 
 RUN_KEYS = ("out_dir", "from_checkpoint_step", "init_from", "eval_only")  # this command's alone, never inherited
 SHAPE_KEYS = checkpoint.SHAPE_KEYS  # the model's: a resume and init_from take them from the weights
+SCHEDULE_KEYS = ("learning_rate", "warmup_iters", "lr_decay_iters", "min_lr")  # what train.py's get_lr reads
 LOCK_NAME = "train.lock"
 
 
@@ -75,10 +76,9 @@ class Guard:
                                              f"writing there")
 
 
-def resolve_start(cfg, given, ddp, master, cleanup, log):
+def resolve_start(cfg, given, ddp, master, cleanup):
     """Rank 0 locks out_dir (one run per folder; eval_only only reads) and picks the checkpoint to resume; it tells
-    the other ranks, so every rank resumes the same step, and a resume takes its config (continue_run). Returns
-    (step, state or None, the open lock file or None)."""
+    the other ranks, and a resume takes its config (continue_run). Returns (step, state or None, lock or None)."""
     if ddp:  # one job, one command: ranks told another max_iters would hang, another seed train two runs as one
         configs = [None] * dist.get_world_size()  # from_checkpoint_step aside: rank 0 chooses, the others follow
         dist.all_gather_object(configs, {k: v for k, v in cfg.items() if k != "from_checkpoint_step"})
@@ -88,11 +88,14 @@ def resolve_start(cfg, given, ddp, master, cleanup, log):
             raise ConfigError(f"the ranks of this job were given different configs: {', '.join(differ)} differ "
                               f"between rank 0 and rank {ranks[0]}; start every node with the same command")
     choice, state, locked = {"step": 0, "error": None}, None, None
+    whole = not (ddp and cfg["fsdp"])  # a sharded run's ranks each read their shards of a folder later
     if master:
         try:
             if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # else locked when writing starts
                 locked = cleanup.enter_context(lock(cfg["out_dir"]))
-            choice["step"], state = checkpoint.find(cfg["out_dir"], cfg["from_checkpoint_step"], warn=print)
+            # restarted by torchrun --max-restarts: the newest step, for rewinding again would undo the progress
+            requested = -1 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) else cfg["from_checkpoint_step"]
+            choice["step"], state = checkpoint.find(cfg["out_dir"], requested, print, whole)
         except checkpoint.CheckpointError as e:
             choice["error"] = str(e)
     if ddp:
@@ -103,19 +106,39 @@ def resolve_start(cfg, given, ddp, master, cleanup, log):
         raise checkpoint.CheckpointError(choice["error"])
     step = choice["step"]
     if step and state is None:
-        state = checkpoint.load(checkpoint.path_for(cfg["out_dir"], step))
+        state = checkpoint.load(checkpoint.path_for(cfg["out_dir"], step), whole, checked=not whole)
+    if state is not None:
+        continue_run(cfg, given, state)
+    return step, state, locked
+
+
+def start_line(cfg, given, step, state, init):
+    """What the run starts from; at a resume, what the command changed, each change as it acts (see no_effect)."""
+    if init:
+        return f"starting fresh from the weights of {init['origin']}"
     if state is None:
         nanogpt = os.path.join(cfg["out_dir"], checkpoint.NANOGPT_NAME)
         hint = f" ({nanogpt} is nanoGPT's: init_from={nanogpt} starts from it)" if os.path.isfile(nanogpt) else ""
-        log("starting fresh" + (f": no checkpoint in {cfg['out_dir']}{hint}" if cfg["from_checkpoint_step"] == -1
-                                else ""))
-        return step, state, locked
-    changed = continue_run(cfg, given, state)
-    log(f"{'evaluating' if cfg['eval_only'] else 'resuming from'} step {step}"
-        + (f"; changed by this command: {'; '.join(changed)}" if changed else ""))
-    if "init_from" in given:
-        log(f"init_from applies to a fresh start only: this run resumes its own step {step}")
-    return step, state, locked
+        return "starting fresh" + (f": no checkpoint in {cfg['out_dir']}{hint}" if cfg["from_checkpoint_step"] == -1
+                                   else "")
+    old, ranks, changed = state["config"], dist.get_world_size() if dist.is_initialized() else 1, []
+    for k in sorted(given - set(RUN_KEYS) - set(SHAPE_KEYS)):  # the model's shape cannot change: continue_run
+        new = (cfg[k] or ranks) if k == "gradient_accumulation_steps" else cfg[k]  # 0: one micro-batch a rank
+        if k in old and old[k] != new:
+            why = f"0: one micro-batch a rank, {new}" if new != cfg[k] else no_effect(k, cfg, old, step)
+            changed.append(f"{k}: {old[k]!r} -> {cfg[k]!r}" + (f" ({why})" if why else ""))
+    return (f"{'evaluating' if cfg['eval_only'] else 'resuming from'} step {step}"
+            + (f"; changed by this command: {'; '.join(changed)}" if changed else "")
+            + (f"\ninit_from applies to a fresh start only: this run resumes its own step {step}"
+               if "init_from" in given else ""))
+
+
+def no_effect(key, cfg, old, step):
+    """Why changing `key` moves no learning rate of a step left (from `step` on) in train.py's get_lr, or None."""
+    if not cfg["decay_lr"]:
+        return "no effect: decay_lr=False keeps learning_rate" if key in SCHEDULE_KEYS[1:] else None
+    if key in SCHEDULE_KEYS[:3] and step >= max(cfg["lr_decay_iters"], 0 if key == "learning_rate" else old[key]):
+        return f"no effect: step {step} is past lr_decay_iters, where the learning rate stays min_lr={cfg['min_lr']}"
 
 
 def check_out_dir(cfg):
@@ -137,13 +160,11 @@ def check_out_dir(cfg):
 
 def continue_run(cfg, given, state):
     """A resume continues the same run: every key but RUN_KEYS comes from the checkpoint's config unless this
-    command sets it, and the model has the checkpoint's shape. Updates cfg; returns what the command changed."""
+    command sets it, and the model has the checkpoint's shape. Updates cfg; start_line says what changed."""
     missing = [key for key in ("optimizer", "config") if not isinstance(state.get(key), dict)]
     if missing:
         raise checkpoint.CheckpointError(f"checkpoint step {state['step']} has weights but no {' or '.join(missing)}"
                                          f": it cannot be resumed; init_from=<the file> starts a run from its weights")
-    changed = [f"{k}: {state['config'].get(k)!r} -> {cfg[k]!r}" for k in sorted(given - set(RUN_KEYS))
-               if k in state["config"] and state["config"][k] != cfg[k]]
     cfg |= {k: v for k, v in state["config"].items() if k in cfg and k not in given and k not in RUN_KEYS}
     for group, name in zip(state["optimizer"]["param_groups"], ("decay", "no_decay")):  # groups got names later
         group.setdefault("name", name)
@@ -153,7 +174,6 @@ def continue_run(cfg, given, state):
                               f"{key}={state['model_args'][key]!r}: for a new run, pass another --out_dir (or "
                               f"--from_checkpoint_step=0 to start over here)")
         cfg[key] = state["model_args"][key]
-    return changed
 
 
 def init_weights(cfg, given):
@@ -274,33 +294,45 @@ def finished(cfg, step):
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 (what schedulers and spot instances send before taking the machine) and Ctrl-C ask the
-    loop to save its step and end. A second Ctrl-C stops at once (a KeyboardInterrupt that says what to rerun);
-    it must come a second after the first, since torchrun passes each Ctrl-C on to workers the terminal sent it
-    to. Under DDP the ranks vote, so that all stop after the same step whichever rank got the signal. A context
-    manager: leaving restores the handlers it replaced."""
+    """SIGTERM, SIGUSR1 (what schedulers send before taking the machine) and Ctrl-C ask the loop to save its step and
+    end. A second Ctrl-C a second later (torchrun passes each one on to workers the terminal sent it to) stops at once,
+    exit 130, cancelling the final save (a stop's or max_iters'), unless that is on disk: then the run ends as a stop
+    that saved, exit 0. Under DDP the ranks vote to stop after the same step. Leaving restores the handlers it
+    replaced, or in a script (run_main's ScriptSignals) ignores the signals: the exit code is decided then."""
 
-    def __init__(self, ddp, rewinds):
-        self.ddp, self.received = ddp, []
-        # a rewind's command, run again, would rewind again and set aside what this run saved
+    def __init__(self, ddp, cfg):  # cfg's out_dir and max_iters are read at the end
+        self.ddp, self.cfg, self.received, self.final, self.ending, self.noted = ddp, cfg, [], None, False, False
+        rewinds, self.speak = cfg["from_checkpoint_step"] != -1, is_rank_0()
         self.rerun = "it without --from_checkpoint_step, which would rewind again," if rewinds else "the same command"
         self.interrupted = (f"interrupted: stopped at once, without saving the current step; "
                             f"rerun {self.rerun} to resume")
         self.flag, self.pending = torch.zeros(1, dtype=torch.int32), None
 
+    def saved(self):  # the final checkpoint under its final name: complete
+        return self.final is not None and os.path.exists(checkpoint.path_for(self.cfg["out_dir"], self.final))
+
     def on_signal(self, signum, frame):
-        if signum == signal.SIGINT and any(s == signum and time.monotonic() - t > 1.0 for s, t in self.received):
-            raise KeyboardInterrupt(self.interrupted)
-        self.received.append((signum, time.monotonic()))
+        now = time.monotonic()
+        again = signum == signal.SIGINT and any(s == signum and now - t > 1.0 for s, t in self.received)
+        self.received.append((signum, now))
+        if again and not self.ending:  # leaving, the outcome is decided whatever it is
+            if not self.saved():
+                raise KeyboardInterrupt(self.interrupted)
+            if self.speak and not self.noted:  # os.write: a print could land inside one of the loop's prints
+                self.noted = os.write(2, f"step {self.final} is saved: ending; a signal changes nothing\n".encode())
 
     def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.on_signal)
-                         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        self.previous = {sig: signal.signal(sig, self.on_signal) for sig in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, kind, error, traceback):
+        self.ending = True
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if isinstance(handler, ScriptSignals) else handler)
+        late = kind is KeyboardInterrupt and self.saved()  # the Saver's cancel came once the file was complete
+        if late and self.speak:
+            print(f"stopped after step {self.final}, saved before Ctrl-C could cancel it; rerun {self.rerun} to resume")
+        return late  # True suppresses the KeyboardInterrupt: the run ends as the stop that saved, exit 0
 
     def vote(self):
         """Start the ranks' vote (an all-reduce of 'has any rank been signalled?'); it runs while the step computes."""
@@ -308,9 +340,11 @@ class StopSignals:
             self.flag.fill_(1 if self.received else 0)
             self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
 
-    def agreed(self):
-        """Whether to stop after this step: the vote's outcome, the same on every rank."""
-        if not self.ddp:
-            return bool(self.received)
-        self.pending.wait()
-        return bool(self.flag.item())
+    def agreed(self, step):
+        """Whether to stop after `step`, the step just done: the vote's outcome, the same on every rank."""
+        if self.ddp:
+            self.pending.wait()
+        stop = bool(self.flag.item()) if self.ddp else bool(self.received)
+        if stop or step >= self.cfg["max_iters"]:  # the last step: what remains is its save
+            self.final = step
+        return stop

@@ -4,9 +4,13 @@ Plot a run's losses from the metrics.jsonl that train.py appends to in its out_d
     python plot.py out                       # writes out/loss.png
     python plot.py out --output=/tmp/run.png
 
-Training loss is a line, evaluations are markers, and a dashed line marks each resume.
+Training loss is a line, evaluations are markers, a dashed gray line marks each resume, and a rewind is drawn
+apart: an orange dash-dot line at the step rewound to, and the steps it abandoned as a pale gray line. The two
+look alike in metrics.jsonl (each starts with a "resume" event, or "start" for a rewind to step 0); a rewind is
+told by what it leaves (outdir.rewind): an abandoned-<time>/metrics.jsonl with the lines past its step.
 Needs matplotlib (pip install matplotlib), which training does not.
 """
+import glob
 import json
 import os
 import sys
@@ -42,6 +46,58 @@ def read_metrics(path):
     return records, skipped
 
 
+def read_rewinds(out_dir, records):
+    """(the events among records, the live timeline's, that began after a rewind; the abandoned timelines, each a
+    list of records). A rewind moved the lines past its step N into abandoned-<time>/metrics.jsonl, then the run
+    it started logged its event at N: the first event, in time, after the last of those lines, at a step no later
+    than the first of them. That event may itself lie in a timeline a later rewind abandoned."""
+    abandoned = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), "abandoned-*", "metrics.jsonl"))):
+        try:
+            abandoned.append(read_metrics(path)[0])
+        except OSError:  # an abandoned timeline we cannot read is not drawn; the live one still is
+            continue
+    events = [r for timeline in [records, *abandoned] for r in timeline
+              if r.get("event") in ("start", "resume") and isinstance(r.get("time"), (int, float))]
+    live, rewinds = {id(r) for r in records}, []
+    for timeline in abandoned:
+        times, own = [r["time"] for r in timeline if isinstance(r.get("time"), (int, float))], set(map(id, timeline))
+        first = min((r["step"] for r in timeline), default=None)
+        after = [e for e in events if times and e["step"] <= first and e["time"] >= max(times) and id(e) not in own]
+        event = min(after, key=lambda e: e["time"], default=None)
+        if event is not None and id(event) in live and all(event is not r for r in rewinds):
+            rewinds.append(event)
+    return rewinds, abandoned
+
+
+def loss_lines(records):
+    """The training loss as stretches of (steps, losses): a step back (a resume from before the last logged step)
+    starts another, so that no line is drawn back across the plot."""
+    stretches = [[]]
+    for r in (r for r in records if "loss" in r):
+        if stretches[-1] and r["step"] <= stretches[-1][-1]["step"]:
+            stretches.append([])
+        stretches[-1].append(r)
+    return [([r["step"] for r in s], [r["loss"] for r in s]) for s in stretches if s]
+
+
+def draw(ax, records, rewinds, abandoned):
+    """The run on a matplotlib Axes: the live timeline, its resumes and rewinds, and the abandoned steps."""
+    for i, (steps, losses) in enumerate(line for timeline in abandoned for line in loss_lines(timeline)):
+        ax.plot(steps, losses, color="0.75", lw=1, label="abandoned by a rewind" if i == 0 else None)
+    for i, (steps, losses) in enumerate(loss_lines(records)):  # evaluations alone leave no training line
+        ax.plot(steps, losses, color="C0", lw=1, label="train loss" if i == 0 else None)
+    for key, color, marker in (("train_loss", "C2", "o"), ("val_loss", "C3", "s")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), color=color, marker=marker, ls="none", label=f"{key.replace('_', ' ')} (eval)")
+    resumes = [r for r in records if r.get("event") == "resume" and not any(r is w for w in rewinds)]
+    for i, r in enumerate(resumes):
+        ax.axvline(r["step"], color="gray", ls="--", lw=1, label="resumed" if i == 0 else None)
+    for i, r in enumerate(rewinds):
+        ax.axvline(r["step"], color="C1", ls="-.", lw=1.5, label="rewound" if i == 0 else None)
+
+
 def main(argv):
     output = [a for a in argv if a.startswith("--output=")]
     rest = [a for a in argv if a not in output]
@@ -69,20 +125,7 @@ def main(argv):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    stretches = [[]]
-    for r in (r for r in records if "loss" in r):
-        if stretches[-1] and r["step"] <= stretches[-1][-1]["step"]:
-            stretches.append([])  # a resume from before the last logged step: start over there, don't draw a line back
-        stretches[-1].append(r)
-    for i, stretch in enumerate(s for s in stretches if s):  # evaluations alone leave no training line
-        ax.plot([r["step"] for r in stretch], [r["loss"] for r in stretch], color="C0", lw=1,
-                label="train loss" if i == 0 else None)
-    for key, color, marker in (("train_loss", "C2", "o"), ("val_loss", "C3", "s")):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), color=color, marker=marker, ls="none", label=f"{key.replace('_', ' ')} (eval)")
-    for i, r in enumerate(r for r in records if r.get("event") == "resume"):
-        ax.axvline(r["step"], color="gray", ls="--", lw=1, label="resumed" if i == 0 else None)
+    draw(ax, records, *read_rewinds(out_dir, records))
     ax.set(xlabel="step", ylabel="loss", title=os.path.basename(os.path.abspath(out_dir)))
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,22 +1,34 @@
 """
-Sample text from the checkpoint of any step:
+Sample text from a model: by default (init_from=resume) the checkpoint of any step of the run in out_dir,
 
     python sample.py --out_dir=out --from_checkpoint_step=2000 --start="ROMEO:" --num_samples=3
 
-The checkpoint carries its dataset's meta.json: a character vocabulary, or GPT-2's BPE through tiktoken.
+or, as nanoGPT's sample.py does, GPT-2's released weights (--init_from=gpt2, gpt2-medium, gpt2-large or gpt2-xl,
+through huggingface_hub), or what train.py's init_from takes: a Hugging Face GPT-2 folder (export.py's too), a
+checkpoint file (nanoGPT's ckpt.pt too), or another out_dir, with :STEP for a step other than the newest.
+
+The vocabulary comes with the weights: a checkpoint carries its dataset's meta.json (characters, or GPT-2's BPE
+through tiktoken), a Hugging Face folder its tokenizer.json (hf_gpt2.load_hf_vocab), GPT-2's weights GPT-2's BPE.
+An out_dir with nanoGPT's ckpt.pt and no checkpoint of ours samples from it, as nanoGPT's sample.py does; one with
+neither is an error that names a folder beside it, with a similar name, that has checkpoints (did you mean
+out-shakespeare-char-cpu, for out-shakespeare-char?).
 """
+import os
 import sys
 
 import torch
 
 import checkpoint
 from configurator import ConfigError, check_ranges, parse, run_main
-from model import GPT, GPTConfig
 from device import check_device, setup_runtime
+from hf_gpt2 import GPT2_HUB_NAMES, PretrainedError, load_hf_gpt2, load_hf_vocab
+from model import GPT, GPTConfig
 
 CONFIG = [  # (key, default, what it sets); `python sample.py --help` prints this table
-    ("out_dir", "out", "folder of the run's ckpt_<step>.pt files"),
-    ("from_checkpoint_step", -1, "-1: the newest good checkpoint; N: exactly step N"),
+    ("init_from", "resume", "resume: out_dir's checkpoint; gpt2[-medium|-large|-xl]: GPT-2's weights; or a "
+                            "Hugging Face GPT-2 folder, a checkpoint file, or an out_dir[:STEP]"),
+    ("out_dir", "out", "init_from=resume: the folder of the run's ckpt_<step>.pt files"),
+    ("from_checkpoint_step", -1, "init_from=resume: -1, the newest good checkpoint; N: exactly step N"),
     ("start", "\n", "the prompt; FILE:path reads it from a file"),
     ("num_samples", 3, "samples to draw"),
     ("max_new_tokens", 500, "tokens per sample"),
@@ -29,8 +41,49 @@ CONFIG = [  # (key, default, what it sets); `python sample.py --help` prints thi
 ]
 
 
-def tokenizer(meta):
-    """(encode, decode) for the dataset's vocabulary: its characters, or GPT-2's BPE."""
+def read_run(out_dir, step):
+    """(state, what it is) of the checkpoint of `step` in out_dir: -1, the newest good one, or nanoGPT's ckpt.pt in
+    a folder that has no checkpoint of ours, as nanoGPT's sample.py reads it."""
+    nanogpt = os.path.join(out_dir, checkpoint.NANOGPT_NAME)
+    if step == -1 and not checkpoint.list_steps(out_dir) and os.path.isfile(nanogpt):
+        return checkpoint.load(nanogpt), f"{nanogpt} (nanoGPT's)"
+    step, state = checkpoint.find_to_read(out_dir, step, "sample from")
+    return state, checkpoint.path_for(out_dir, step)
+
+
+def load_weights(cfg, given):
+    """(a checkpoint's state, or its likes: model_args, model and meta; what it is) of init_from."""
+    source = cfg["init_from"]
+    if source == "resume":
+        return read_run(cfg["out_dir"], cfg["from_checkpoint_step"])
+    if given & {"out_dir", "from_checkpoint_step"}:
+        raise ConfigError(f"init_from={source} reads no out_dir: --out_dir and --from_checkpoint_step go with "
+                          f"init_from=resume (or pass --init_from=OUT_DIR:STEP)")
+    if source in GPT2_HUB_NAMES or os.path.isfile(os.path.join(source, "config.json")):
+        try:
+            model_args, weights = load_hf_gpt2(source)
+        except PretrainedError as e:
+            raise ConfigError(f"init_from={source}: {e}") from None
+        hub = source in GPT2_HUB_NAMES
+        meta = {"vocab_size": 50257, "tokenizer": "gpt2"} if hub else load_hf_vocab(source, model_args["vocab_size"])
+        if meta is None:
+            raise ConfigError(f"init_from={source}: no vocabulary to decode with: no character-level tokenizer.json "
+                              f"(export.py writes one) and, with {model_args['vocab_size']} ids, not GPT-2's BPE")
+        return {"model_args": model_args, "model": weights, "meta": meta}, f"Hugging Face GPT-2 {source}"
+    if os.path.isfile(source):
+        return checkpoint.load(source), source
+    folder, colon, step = source.rpartition(":")
+    if not (colon and step.isdigit()):
+        folder, step = source, "-1"
+    if os.path.isdir(folder):
+        return read_run(folder, int(step))
+    raise ConfigError(f"init_from={source}: not resume, {', '.join(GPT2_HUB_NAMES)}, a Hugging Face GPT-2 folder, "
+                      f"a checkpoint file or an out_dir")
+
+
+def tokenizer(meta, source):
+    """(encode, decode, how many ids it decodes) for the vocabulary the weights came with: their characters, or a
+    tiktoken BPE."""
     if "chars" in meta:
         stoi = {ch: i for i, ch in enumerate(meta["chars"])}
 
@@ -39,14 +92,34 @@ def tokenizer(meta):
             if unknown:
                 raise ConfigError(f"start: characters outside the model's vocabulary: {''.join(unknown)!r}")
             return [stoi[ch] for ch in text]
-        return encode, lambda ids: "".join(meta["chars"][i] for i in ids)
-    import tiktoken  # only BPE datasets need it, and it downloads GPT-2's vocabulary on first use
-    enc = tiktoken.get_encoding(meta.get("tokenizer", "gpt2"))
-    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode
+        return encode, lambda ids: "".join(meta["chars"][i] for i in ids), len(meta["chars"])
+    if "tokenizer" not in meta:
+        raise ConfigError(f"{source} holds no vocabulary to decode with (no characters, no tokenizer's name; a "
+                          f"nanoGPT checkpoint keeps its characters in its dataset's meta.pkl)")
+    import tiktoken  # only BPE vocabularies need it
+    try:
+        enc = tiktoken.get_encoding(meta["tokenizer"])
+    except Exception as e:  # offline with an empty cache: requests' errors; an unknown name: ValueError
+        raise ConfigError(f"cannot load the {meta['tokenizer']} BPE through tiktoken ({type(e).__name__}); "
+                          f"offline, give tiktoken its files through TIKTOKEN_CACHE_DIR (docs/data.md)") from None
+    # n_vocab, not meta's vocab_size: a nanoGPT checkpoint's is the model's, 50304 when padded for speed
+    return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode, enc.n_vocab
+
+
+def read_prompt(start):
+    if not start.startswith("FILE:"):
+        return start
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError(f"start: cannot read {start[5:]}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"start: {start[5:]} is not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
 def main(argv):
-    cfg, _ = parse(CONFIG, argv)
+    cfg, given = parse(CONFIG, argv)
     check_device(cfg["device"], cfg["dtype"])
     check_ranges(cfg, positive=("num_samples", "max_new_tokens"))
     if not 0 <= cfg["seed"] < 2 ** 63:  # what torch.manual_seed takes, and train.py's seeds
@@ -54,32 +127,24 @@ def main(argv):
     if cfg["temperature"] <= 0.0 or cfg["top_k"] < 0:
         raise ConfigError(f"temperature must be positive and top_k not negative, got {cfg['temperature']} "
                           f"and {cfg['top_k']}")
-    start = cfg["start"]
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        except OSError as e:
-            raise ConfigError(f"start: cannot read {start[5:]}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"start: {start[5:]} is not UTF-8 text (byte {e.start}: {e.reason})") from None
-    step, state = checkpoint.find_to_read(cfg["out_dir"], cfg["from_checkpoint_step"], "sample from")
-    encode, decode = tokenizer(state["meta"])
+    start = read_prompt(cfg["start"])
+    state, source = load_weights(cfg, given)
+    encode, decode, n_vocab = tokenizer(state["meta"], source)
     ids = encode(start)
     if not ids:
         raise ConfigError("start: the prompt is empty; give at least one token")
 
     device, _, autocast = setup_runtime(cfg["device"], cfg["dtype"])
-    torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(**state["model_args"]))
     model.load_state_dict(state["model"])
     model.eval().to(device)
-    print(f"sampling from {checkpoint.path_for(cfg['out_dir'], step)}", file=sys.stderr)
+    torch.manual_seed(cfg["seed"])  # after the model's random init, so that the samples depend on its weights alone
+    print(f"sampling from {source}", file=sys.stderr)
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]  # (1, t)
     with autocast:
         for _ in range(cfg["num_samples"]):
             y = model.generate(x, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"] or None,
-                               vocab_size=state["meta"]["vocab_size"])
+                               vocab_size=n_vocab)
             print(decode(y[0].tolist()))
             print("---------------")
 

@@ -4,14 +4,19 @@ snapshot makes that copy (into buffers kept from one save to the next, pinned fo
 kept tied); publish writes it with checkpoint.save and prunes the folder; a Saver does both on a thread of its own,
 one save at a time, reports each, and raises a failed one in the loop a step later. Leaving a Saver (it is a
 context manager) waits for the save in flight, unless Ctrl-C, then or meanwhile, cancels it: no file is left then.
+A sharded run's Saver (sharded=True) runs on every rank: each has DCP write its shards into ckpt_<step>.tmp/ in the
+background (the copy to host memory made first), and rank 0 then completes the folder (publish_folder) and prunes.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
 from threading import Event
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 import checkpoint
+import sharded
 
 
 def snapshot(state, buffers=None):
@@ -63,21 +68,58 @@ def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None, g
     return path, checkpoint.prune(out_dir, keep_last, keep_every, protect)
 
 
+def publish_folder(out_dir, step, written, info, keep_last, keep_every, protect, cancel, guard):
+    """Once every rank's DCP files are in ckpt_<step>.tmp (`written`, DCP's future, done), rank 0 completes the
+    folder: run.pt records the run and each file's CRC32 (save fsyncs it and the folder), then the folder takes its
+    final name; then prune. A second Ctrl-C meanwhile deletes the folder instead."""
+    written.result()
+    final = checkpoint.path_for(out_dir, step, folder=True)
+    tmp = final + checkpoint.TMP_SUFFIX
+    try:
+        guard()
+        if cancel.is_set():
+            raise checkpoint.SaveCancelled()
+        lost = sharded.missing_shards(tmp)
+        if lost:
+            raise checkpoint.CheckpointError(f"{tmp} lacks {', '.join(lost)}: a sharded run's out_dir must be one "
+                                             f"filesystem that every machine sees")
+        checkpoint.save(None, step, info | {"checksums": sharded.checksums(tmp)}, cancel,
+                        path=os.path.join(tmp, sharded.RUN_NAME))
+        os.rename(tmp, final)
+        checkpoint.fsync_dir(out_dir)
+    except checkpoint.SaveCancelled:
+        checkpoint.remove_temporaries(out_dir)
+        raise
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"cannot write checkpoint {e.filename or tmp}: {e.strerror}") from None
+    guard()
+    return final, checkpoint.prune(out_dir, keep_last, keep_every, protect)
+
+
 class Saver:
     """Writes a run's checkpoints on its own thread, one at a time: save() waits only for the snapshot. A failed
     save raises at the next save(), poll() or finish()."""
 
-    def __init__(self, out_dir, keep_last, keep_every, wait, guard=None, log=print):
+    def __init__(self, out_dir, keep_last, keep_every, wait, guard=None, log=print, sharded=False, master=True):
         self.out_dir, self.keep_last, self.keep_every, self.wait, self.log = out_dir, keep_last, keep_every, wait, log
-        self.guard = guard or (lambda: None)
+        self.guard, self.master = guard or (lambda: None), master
+        # DCP's collectives run on its own thread: a gloo group of their own keeps them apart from training's
+        self.group = dist.new_group(backend="gloo") if sharded else None
         self.thread, self.cancel, self.in_flight, self.buffers = ThreadPoolExecutor(max_workers=1), Event(), None, {}
 
     def save(self, state, protect):
         """Checkpoint state["step"], never pruning the steps in `protect`; with wait=True, return once it is on disk."""
         self.finish()
-        host = snapshot(state, self.buffers)
-        self.in_flight = self.thread.submit(publish, self.out_dir, state["step"], host, self.keep_last,
-                                            self.keep_every, protect, self.cancel, self.guard)
+        if self.group is None:
+            host = snapshot(state, self.buffers)
+            self.in_flight = self.thread.submit(publish, self.out_dir, state["step"], host, self.keep_last,
+                                                self.keep_every, protect, self.cancel, self.guard)
+        else:  # DCP's own thread writes the shards
+            tmp = checkpoint.path_for(self.out_dir, state["step"], folder=True) + checkpoint.TMP_SUFFIX
+            written = dcp.async_save(sharded.tensors_of(state), checkpoint_id=tmp, process_group=self.group)
+            self.in_flight = self.thread.submit(publish_folder, self.out_dir, state["step"], written,
+                                                sharded.run_info(state), self.keep_last, self.keep_every, protect,
+                                                self.cancel, self.guard) if self.master else written
         if self.wait:
             self.finish()
 
@@ -90,6 +132,8 @@ class Saver:
         """Wait for the save in flight, if any, and say what it did."""
         if self.in_flight is not None:
             future, self.in_flight = self.in_flight, None
+            if not self.master:  # the shards this rank wrote: rank 0 says what was saved
+                return future.result()
             path, pruned = future.result()
             self.log(f"saved {path}" + (f"; retention deleted step{'s' * (len(pruned) > 1)} "
                                         f"{', '.join(map(str, pruned))} (keep_last_checkpoints={self.keep_last})"

@@ -468,12 +468,29 @@ def process_tree(pid):
 
 
 def kill_all(pids):
-    """kill -9 every process at once, as a machine failure would."""
+    """kill -9 every process at once, as a machine failure would; return once all are dead (a process inside a
+    system call, an fsync say, dies as it returns, and holds its files and locks until then)."""
     for p in pids:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.monotonic() + 30
+    for p in pids:  # every thread counts: a writer thread stuck in an fsync keeps the process's files open
+        while time.monotonic() < deadline and not all(state == "Z" for state in thread_states(p)):
+            time.sleep(0.01)
+
+
+def thread_states(pid):
+    """The state letter (R, S, D, Z...) of each thread of pid; none once it is gone."""
+    states = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+    except (OSError, IndexError):
+        pass
+    return states
 
 
 def worker_with_rank(torchrun_pid, rank):
@@ -1192,7 +1209,7 @@ CHANGED_AT_RESUME = {  # a new value for every key; the shape keys are refused, 
     "dropout": 0.2, "learning_rate": 1e-2, "max_iters": 7, "weight_decay": 0.0, "beta1": 0.5, "beta2": 0.9,
     "grad_clip": 0.0, "warmup_iters": 0, "lr_decay_iters": 8, "min_lr": 0.0, "device": "cpu", "dtype": "bfloat16",
     "deterministic": True, "compile": None, "seed": 3, "keep_best": False, "always_save_checkpoint": False,
-    "wandb_project": "other", "wandb_run_name": "other", "decay_lr": False, "backend": "gloo",
+    "wandb_project": "other", "wandb_run_name": "other", "decay_lr": False, "backend": "gloo", "fsdp": True,
     "block_size": 8, "n_layer": 1, "n_head": 1, "n_embd": 16, "bias": True, "vocab_size": 999,
 }
 
@@ -1236,7 +1253,7 @@ def test_a_nanogpt_checkpoint_starts_a_run(tmp_path, dataset, capsys):
     for source in (nano / "ckpt.pt", nano):
         out = tmp_path / f"from-{source.name}"
         run(out, dataset, f"--init_from={source}", "--max_iters=1", "--learning_rate=0.0", "--vocab_size=100")
-        assert f"starting from the weights of {source} (nanoGPT's step 250)" in capsys.readouterr().out
+        assert f"starting fresh from the weights of {source} (nanoGPT's step 250)" in capsys.readouterr().out
         assert all(torch.equal(state_at(out, 1)["model"][k], v) for k, v in weights.items())  # lr 0: unchanged
     run(nano, dataset, "--max_iters=1", "--vocab_size=100")
     assert f"({nano / 'ckpt.pt'} is nanoGPT's: init_from={nano / 'ckpt.pt'} starts from it)" in capsys.readouterr().out
@@ -1337,7 +1354,7 @@ def test_a_checkpoint_without_group_names_or_loop_state_resumes_exactly(tmp_path
 
 
 LIBRARY = {"model", "dataset", "device", "outdir", "checkpoint", "hf_gpt2", "configurator"}
-SCRIPTS = {"train", "sample", "export", "plot", "bench"}
+SCRIPTS = {"train", "sample", "export", "plot", "bench", "bench_fsdp"}
 
 
 def test_the_layout_keeps_its_budget():
@@ -1408,7 +1425,7 @@ compile = False
 def test_nanogpt_style_config_files_run_unchanged(tmp_path, dataset, capsys):
     (tmp_path / "nano.py").write_text(NANOGPT_STYLE_CONFIG)
     run(tmp_path / "out", dataset, str(tmp_path / "nano.py"), f"--dataset={dataset}", f"--out_dir={tmp_path / 'out'}")
-    assert "backend=nccl (nanoGPT's key) changes nothing here" in capsys.readouterr().out
+    assert "backend='nccl' (nanoGPT's key: changes nothing here)" in capsys.readouterr().out
     # always_save_checkpoint=False saves where the val loss is the best yet, as nanoGPT does, and at the last step
     new_bests, lowest = [], float("inf")
     for m in read_metrics(tmp_path / "out"):
@@ -1447,6 +1464,9 @@ CHECKS = [
     "deterministic: resumed C == unbroken A",
     "not deterministic: |A-C| <= |A-B|",
     "float16 + GradScaler: resumed == unbroken",
+    "torchrun --fsdp=True, 1 process (FSDP2)",
+    "sharded: resumed folder == unbroken",
+    "sharded: resumed unsharded == sharded",
     "bench.py's table",
     "bench: our loop / plain loop, tokens/s",
     "bench: deterministic / not, tokens/s",

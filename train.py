@@ -19,11 +19,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import outdir
+import sharded
 from configurator import ConfigError, check_ranges, parse, run_main
 from dataset import (EVAL_STREAM, TRAIN_STREAM, batch_starts, get_batch, load_dataset, micro_seed,
                      model_vocab_size)
-from device import check_device, peak_flops, setup_runtime
-from logs import Metrics
+from device import check_device, join_job, peak_flops, setup_runtime
+from logs import Metrics, Pace
 from model import GPT, GPTConfig
 from saver import Saver
 
@@ -31,8 +32,7 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     # ---- the run: where it lives, where it starts ----
     ("out_dir", "out", "folder for ckpt_<step>.pt files"),
     ("from_checkpoint_step", -1, "-1: resume the newest checkpoint; N: step N; 0: start fresh"),
-    ("init_from", "scratch", "a fresh start's weights: scratch, gpt2[-medium|-large|-xl], a HF "
-                             "GPT-2 folder, a checkpoint file or out_dir[:step]"),
+    ("init_from", "scratch", "a fresh start's weights: scratch, gpt2*, a checkpoint or out_dir"),
     ("eval_only", False, "evaluate the checkpoint a resume would pick, print the losses, exit"),
     # ---- checkpoints ----
     ("checkpoint_interval", 250, "save a checkpoint every this many steps, and at the last step"),
@@ -77,10 +77,11 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     ("deterministic", False, "deterministic GPU kernels: a resumed GPU run is bit-exact; slower"),
     ("compile", None, "torch.compile the model; None: on for CUDA only"),
     ("backend", "auto", "nanoGPT's key, ignored: gradients go over NCCL on CUDA, else gloo"),
+    ("fsdp", False, "under torchrun, shard weights, gradients and AdamW state over the ranks"),
     ("seed", 1337, "seeds the initial weights, the batches and dropout"),
 ]
-# What a run carries across a resume besides model and optimizer, saved and restored (an older
-# checkpoint resumes a missing key's default); origin names the weights step 0 started from
+# A run's state besides model and optimizer, saved and restored (an older checkpoint's missing key
+# resumes its default); origin names the weights step 0 started from
 LOOP_STATE = {"best_val_loss": float("inf"), "tokens_seen": 0, "best_checkpoint": None,
               "origin": "scratch", "wandb_run_id": None}
 
@@ -124,34 +125,38 @@ def get_lr(step, cfg):
 
 
 def set_hyperparameters(optimizer, cfg, lr):
-    """The config's optimizer settings, applied to each group by its name at every step: a resume's
-    loaded groups carry the checkpoint's values, and this command's must win."""
+    """Each group's lr, betas, weight decay, by its name, each step (a resume loads old ones)."""
     for group in optimizer.param_groups:
         decay = cfg["weight_decay"] if group["name"] == "decay" else 0.0
         group.update(lr=lr, betas=(cfg["beta1"], cfg["beta2"]), weight_decay=decay)
 
 
-def build_model(cfg, model_args, device, dtype, init, state):
-    """The model, its AdamW optimizer and float16's loss scaler: fresh from the seed, with
-    init_from's weights, or as the checkpoint left them."""
+def build_model(cfg, model_args, device, dtype, init, state, shard_group):
+    """The model, AdamW and float16's loss scaler: fresh from the seed, with init_from's weights,
+    or as the checkpoint left them; sharded over shard_group's ranks if any."""
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(**model_args))
-    if init:
-        model.load_state_dict(init["weights"])
+    weights = init["weights"] if init else state and state["model"]  # a folder's come in load()
+    if weights:
+        model.load_state_dict(weights)
     model.to(device)
+    if shard_group is not None:  # FSDP2: each rank keeps 1/N of the weights, and of all made after
+        sharded.shard(model, shard_group, device.type, dtype)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
                                            (cfg["beta1"], cfg["beta2"]), device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        model.load_state_dict(state["model"])
+        if shard_group is not None:  # each rank reads its shards: of the folder, or of the whole
+            sharded.load(model, optimizer, state)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         if scaler.is_enabled() and state.get("scaler"):  # a switch to float16 starts a new scale
             scaler.load_state_dict(state["scaler"])
     return model, optimizer, scaler
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, device, autocast):
+def estimate_loss(model, splits, cfg, device, autocast, sharded_ranks=False):
     """Mean loss of each split over the same eval_iters batches each time; eval mode: no dropout."""
     model.eval()
     out = {}
@@ -163,6 +168,8 @@ def estimate_loss(model, splits, cfg, device, autocast):
             with autocast:
                 _, loss = model(*get_batch(data, starts, cfg["block_size"], device))
             losses[k] = loss.item()
+        if sharded_ranks:  # every rank computed them: rank 0's decide for all, to the last bit
+            dist.broadcast(losses, src=0)
         out[split] = losses.mean().item()
     model.train()
     return out
@@ -183,13 +190,12 @@ def run(argv, cleanup):
     log = print if master else (lambda *a, **k: None)
     outdir.check_out_dir(cfg)
     # from here on a signal asks the run to stop after its first step: start-up is never cut short
-    stops = cleanup.enter_context(outdir.StopSignals(ddp, cfg["from_checkpoint_step"] != -1))
-    if ddp:  # gloo carries the few control messages on any device; CUDA gradients get NCCL below
-        dist.init_process_group(backend="gloo")
-        cleanup.callback(dist.destroy_process_group)
+    stops = cleanup.enter_context(outdir.StopSignals(ddp, cfg))
+    if ddp:  # gloo carries control messages (CUDA gradients: NCCL, below); a store prefix per start
+        cleanup.enter_context(join_job())
 
     # ---- which step to start from: rank 0 chooses, every rank resumes it ----
-    start_step, state, locked = outdir.resolve_start(cfg, given, ddp, master, cleanup, log)
+    start_step, state, locked = outdir.resolve_start(cfg, given, ddp, master, cleanup)
     # 0: one micro-batch a rank, fixed at the start (a resume on other ranks keeps the global batch)
     cfg["gradient_accumulation_steps"] = cfg["gradient_accumulation_steps"] or world_size
     check_config(cfg, world_size, local_rank)
@@ -201,45 +207,42 @@ def run(argv, cleanup):
     meta, train_data, val_data, data_id = load_dataset(
         cfg["dataset"], cfg["block_size"], trained_on=state and (state["step"], state.get("data")))
     vocab_size = model_vocab_size(cfg, meta, init and init["vocab"], log)
-    if cfg["backend"] != "auto":
-        log(f"backend={cfg['backend']} (nanoGPT's key) changes nothing here: see --help")
     device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"], cfg["deterministic"],
                                             local_rank)
+    shards = ddp and cfg["fsdp"]  # on one process fsdp changes nothing: there is nothing to shard
 
     # ---- model and optimizer ----
     model_args = {k: cfg[k] for k in outdir.SHAPE_KEYS} | {"vocab_size": vocab_size,
                                                           "dropout": cfg["dropout"]}
-    raw_model, optimizer, scaler = build_model(cfg, model_args, device, dtype, init, state)
-    if init:
-        log(f"starting from the weights of {init['origin']}")
-    state = init = None  # free the host copies
+    grad_group = dist.new_group(backend="nccl") if ddp and device.type == "cuda" else None
+    raw_model, optimizer, scaler = build_model(cfg, model_args, device, dtype, init, state,
+                                               (grad_group or dist.group.WORLD) if shards else None)
+    state = init = log(outdir.start_line(cfg, given, start_step, state, init))  # frees host copies
     use_compile = device.type == "cuda" if cfg["compile"] is None else cfg["compile"]
     model = fast_model = torch.compile(raw_model) if use_compile else raw_model
-    if ddp:  # on CUDA, gradients go over a NCCL group of their own
+    if ddp and not shards:
         model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    process_group=dist.new_group(backend="nccl") if device.type == "cuda" else None)
+                    process_group=grad_group)
     splits = {"train": train_data, "val": val_data}
     if cfg["eval_only"]:
-        losses = estimate_loss(fast_model, splits, cfg, device, autocast)
-        log(f"step {start_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-            f"(eval_only: nothing written)")
-        return
+        losses = estimate_loss(fast_model, splits, cfg, device, autocast, shards)
+        return log(f"step {start_step}: train loss {losses['train']:.4f}, val loss "
+                   f"{losses['val']:.4f} (eval_only: nothing written)")
     if start_step >= cfg["max_iters"]:
-        log(f"nothing to train: step {start_step} has reached max_iters={cfg['max_iters']}; "
-            f"raise --max_iters to train further")
-        return
-    differs = [f"{k}={cfg[k]!r}" for k, default, _ in CONFIG if cfg[k] != default]
-    log(f"config beyond defaults: {', '.join(differs) or 'none'} (device {device}, dtype {dtype})")
-    if device.type == "cpu" and dtype != "float32":
-        log(f"note: dtype={dtype} on a CPU runs under autocast, often slower than float32")
+        return log(f"nothing to train: step {start_step} has reached max_iters={cfg['max_iters']}; "
+                   f"raise --max_iters to train further")
+    differs = [f"{k}={cfg[k]!r}" + " (nanoGPT's key: changes nothing here)" * (k == "backend")
+               for k, default, _ in CONFIG if cfg[k] != default]
+    log(f"config beyond defaults: {', '.join(differs) or 'none'} (device {device}, dtype {dtype})"
+        + ("; autocast on a CPU: often slower" * (device.type == "cpu" and dtype != "float32")))
 
     # ---- every check has passed: only now is anything written ----
-    metrics, guard = Metrics(), None  # rank 0 alone writes: metrics.jsonl, wandb, checkpoints
-    if master:
-        metrics, guard = outdir.open_out_dir(cfg, start_step, locked, loop, cleanup, log)
+    metrics, guard = (outdir.open_out_dir(cfg, start_step, locked, loop, cleanup, log) if master
+                      else (Metrics(), None))  # rank 0 alone writes metrics.jsonl, wandb, ckpts
     # whatever ends the run waits for the save in flight (entered last, so it is left first)
     saves = cleanup.enter_context(Saver(cfg["out_dir"], cfg["keep_last_checkpoints"],
-                                        cfg["keep_every"], not cfg["async_checkpoint"], guard))
+                                        cfg["keep_every"], not cfg["async_checkpoint"], guard, log,
+                                        shards, master))
 
     # ---- the loop ----
     B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
@@ -247,8 +250,7 @@ def run(argv, cleanup):
     tokens_per_step = accum * B * T
     peak = peak_flops(device)  # the GPU's FLOP/s for MFU; None on a CPU: MFU n/a
 
-    def batch(step, micro):
-        """This rank's micro-batch `micro` of the global batch of `step`."""
+    def batch(step, micro):  # this rank's micro-batch `micro` of the global batch of `step`
         starts = batch_starts(cfg["seed"], TRAIN_STREAM, step, accum * B, len(train_data), T)
         first = (rank * local_accum + micro) * B
         return get_batch(train_data, starts[first:first + B], T, device)
@@ -260,14 +262,15 @@ def run(argv, cleanup):
         + ("; compiling the model first (a minute for GPT-2 124M on a GPU)" if use_compile else ""))
     metrics.record(step, event="resume" if start_step else "start")
     x, y = batch(step, 0)
-    t0 = began = time.perf_counter()  # ms/step counts training alone; the ETA evals and saves too
-    steps_timed = 0
+    t0, steps_timed, pace = time.perf_counter(), 0, Pace(cfg, local_accum, log)  # ms/step: training
     while step < cfg["max_iters"]:
         stops.vote()  # the ranks vote on stopping while this step computes; read after the step
         lr = get_lr(step, cfg)
         set_hyperparameters(optimizer, cfg, lr)
         for micro in range(local_accum):
-            if ddp:  # all-reduce the gradients once, on the last micro-step
+            if shards:  # reduce the gradients once, on the last micro-step: as DDP does
+                raw_model.set_requires_gradient_sync(micro == local_accum - 1)
+            elif ddp:
                 model.require_backward_grad_sync = micro == local_accum - 1
             # dropout masks depend on (seed, step, micro-step) alone: the same on any rank or resume
             torch.manual_seed(micro_seed(cfg["seed"], step, rank * local_accum + micro))
@@ -279,7 +282,7 @@ def run(argv, cleanup):
             scaler.scale(loss).backward()
         if cfg["grad_clip"] > 0.0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg["grad_clip"])
+            sharded.clip_grad_norm(raw_model.parameters(), cfg["grad_clip"])  # one norm, any layout
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -287,47 +290,44 @@ def run(argv, cleanup):
         steps_timed += 1
         loop["tokens_seen"] += tokens_per_step
 
-        stop = stops.agreed()  # the vote begun at the top of this step: all ranks stop after it
+        stop = stops.agreed(step)  # the vote begun at the top of this step: all ranks stop after it
         last = step == cfg["max_iters"]
         do_log = step % cfg["log_interval"] == 0 or last or stop
-        do_eval = master and (step % cfg["eval_interval"] == 0 or last)
+        do_eval = (master or shards) and (step % cfg["eval_interval"] == 0 or last)
         if do_log:
             loss_now = loss.item() * local_accum  # the loop's one host-device sync: a micro-batch's
             dt = (time.perf_counter() - t0) / steps_timed
             mfu = peak and raw_model.estimate_mfu(tokens_per_step / dt, peak * world_size)
-            per_step = (time.perf_counter() - began) / (step - start_step)  # evals, saves included
-            left = int(per_step * (cfg["max_iters"] - step))
             log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
                 f"{tokens_per_step / dt:,.0f} tokens/s{f', mfu {mfu:.1%}' if mfu else ''}, "
-                f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} to go")
+                f"{pace.left(step, dt)} to go")  # the evaluations and saves still due counted
             metrics.record(step, loss=loss_now, lr=lr, ms_per_step=dt * 1000,
                            tokens_per_s=tokens_per_step / dt, tokens=loop["tokens_seen"], mfu=mfu)
         losses, improved = {}, False
         if do_eval:
-            losses = estimate_loss(fast_model, splits, cfg, device, autocast)
+            losses = pace.time("eval", step, estimate_loss, fast_model, splits, cfg, device,
+                               autocast, shards)  # said first when it will take long
             improved = losses["val"] < loop["best_val_loss"]
             loop["best_val_loss"] = min(loop["best_val_loss"], losses["val"])
             log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             metrics.record(step, train_loss=losses["train"], val_loss=losses["val"])
         # nanoGPT's always_save_checkpoint=False: also save where the val loss is the best yet
-        do_save = master and (step % cfg["checkpoint_interval"] == 0 or last or stop
+        do_save = (master or shards) and (step % cfg["checkpoint_interval"] == 0 or last or stop
                               or (improved and not cfg["always_save_checkpoint"]))
         saves.poll()  # a save that ended says so; one that failed stops the run here
         if do_save:
             best = loop["best_checkpoint"]
             if losses and (best is None or losses["val"] < best[0]):
                 loop["best_checkpoint"] = best = [losses["val"], step]
-            saves.save({
+            pace.time("save", step, saves.save, {
                 "model": raw_model.state_dict(),  # clean names: no DDP module., compile _orig_mod.
                 "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
+                "scaler": scaler.state_dict(), "step": step,
                 "config": cfg,  # as given: a resume on another machine resolves device, dtype anew
                 "model_args": model_args,
                 "meta": meta,  # the vocabulary, so sample.py needs nothing but the checkpoint
                 "data": data_id,  # a resume on other data is refused
-                "train_loss": losses.get("train"),
-                "val_loss": losses.get("val"),
+                "train_loss": losses.get("train"), "val_loss": losses.get("val"),
                 "written_at": time.time(),
                 **loop,  # no RNG state: the seed and the step determine every batch and mask
             }, protect=[start_step] + ([best[1]] if cfg["keep_best"] and best else []))

@@ -29,8 +29,9 @@ def read_text(here, url, argv):
             with urllib.request.urlopen(url, timeout=30) as r:
                 data = r.read()
             data.decode("utf-8")  # checked before it is saved, so a bad download does not stay behind as input.txt
-        except (OSError, UnicodeDecodeError) as e:
-            sys.exit(f"error: cannot download {url} ({e}); put the text in {path} or pass --input=FILE")
+        except (OSError, UnicodeDecodeError) as e:  # the command, not a flag: train.py runs this script too
+            sys.exit(f"error: cannot download {url} ({e}): put the text in {path}, or run python {sys.argv[0]} "
+                     f"--input=FILE")
         write_atomically(path, data)  # a download cut short, or a concurrent one, never leaves half an input.txt
     try:
         with open(path, encoding="utf-8") as f:

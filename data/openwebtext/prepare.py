@@ -4,6 +4,7 @@ writes train.bin (~17 GB) and val.bin as uint16 GPT-2 token ids, each document e
 """
 import json
 import os
+import sys
 
 import numpy as np
 import tiktoken
@@ -11,7 +12,11 @@ from datasets import load_dataset
 
 NUM_PROC = max(1, os.cpu_count() // 2)
 here = os.path.dirname(os.path.abspath(__file__))
-enc = tiktoken.get_encoding("gpt2")
+try:
+    enc = tiktoken.get_encoding("gpt2")  # downloads GPT-2's vocabulary on first use, then reads tiktoken's cache
+except Exception as e:  # requests' errors when offline with an empty cache
+    sys.exit(f"error: cannot load GPT-2's BPE through tiktoken ({type(e).__name__}): it downloads two files on first "
+             f"use; offline, copy them into a folder and set TIKTOKEN_CACHE_DIR to it (docs/data.md, Offline)")
 
 split = load_dataset("openwebtext", num_proc=NUM_PROC)["train"]
 split = split.train_test_split(test_size=0.0005, seed=2357, shuffle=True)

@@ -18,7 +18,8 @@ text = read_text(here, TINYSHAKESPEARE, sys.argv[1:])
 try:
     enc = tiktoken.get_encoding("gpt2")  # downloads GPT-2's vocabulary on first use, then reads tiktoken's cache
 except Exception as e:  # requests' errors when offline with an empty cache
-    sys.exit(f"error: cannot load GPT-2's BPE through tiktoken ({type(e).__name__}): it needs network on first use")
+    sys.exit(f"error: cannot load GPT-2's BPE through tiktoken ({type(e).__name__}): it downloads two files on first "
+             f"use; offline, copy them into a folder and set TIKTOKEN_CACHE_DIR to it (docs/data.md, Offline)")
 ids = np.array(enc.encode_ordinary(text), dtype=np.uint16)
 n = int(0.9 * len(ids))
 write_atomically(os.path.join(here, "train.bin"), ids[:n].tobytes())
