@@ -151,8 +151,9 @@ sharded() {  # a sharded run (small shape, deterministic, not compiled), and two
   mkdir -p "$OUT/fsdp_resumed" "$OUT/fsdp_unsharded"
   cp -r "$(folder fsdp $HALF)" "$OUT/fsdp_resumed/"; cp -r "$(folder fsdp $HALF)" "$OUT/fsdp_unsharded/"
   run fsdp_resumed "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${how[@]}" \
-    --out_dir="$OUT/fsdp_resumed"
+    --out_dir="$OUT/fsdp_resumed" &
   run fsdp_unsharded "$PY" train.py "${how[@]}" --out_dir="$OUT/fsdp_unsharded"
+  wait
 }
 torchrun_auto() {
   run torchrun "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py "${AUTO[@]}" \

@@ -89,13 +89,11 @@ def test_a_restart_resumes_the_newest_step_not_a_rewind_again(tmp_path, dataset,
 
 
 def test_finished_jobs_are_never_reported_failed(tmp_path, dataset):
-    """Short 2-rank jobs, DDP and FSDP2 in turn, one after another for about 12 seconds: each exits 0. A gloo
-    thread freeing a tensor as the interpreter finalized once aborted about one FSDP2 job in five (device.py's
-    exit_cleanly says how)."""
-    began, jobs = time.monotonic(), 0
-    while jobs < 2 or time.monotonic() - began < 12:
+    """Short 2-rank jobs, DDP and FSDP2, each exits 0. A gloo thread freeing a tensor as the interpreter finalized
+    once aborted about one FSDP2 job in five (device.py's exit_cleanly says how); forced by holding that thread
+    (an LD_PRELOAD shim, not part of the suite) it aborted every job, and with exit_cleanly none."""
+    for jobs in range(2):
         with torchrun(f"--dataset={dataset}", f"--out_dir={tmp_path / str(jobs)}", "--max_iters=2",
                       "--checkpoint_interval=1", *(["--fsdp=True"] if jobs % 2 else [])) as proc:
             text = proc.stdout.read()
             assert proc.wait(timeout=120) == 0 and "done: trained to step 2" in text, text[-3000:]
-        jobs += 1

@@ -27,8 +27,8 @@ import checkpoint
 import saver
 import sharded
 import test_train
-from test_train import (HERE, TINY, assert_identical, kill_9_again_and_again, run, stop_by_signal, torchrun_cmd,
-                        worker_with_rank)
+from test_train import (HERE, TINY, assert_identical, free_port, kill_9_again_and_again, run, stop_by_signal,
+                        torchrun_cmd, worker_with_rank)
 
 # As in test_train.py: one thread per process, here and in the processes the tests start (they inherit it).
 torch.set_num_threads(1)
@@ -38,16 +38,26 @@ dataset = test_train.dataset  # the fixtures, shared: tests ask for them by name
 ddp_reference = test_train.ddp_reference  # unsharded, 2 micro-batches a step, a checkpoint at every step to 40
 
 
+# the tests that read the sharded run's folders run on one xdist worker (--dist loadgroup): it is made once
+ONE_WORKER = pytest.mark.xdist_group("sharded_run")
+
+
 def fsdp_cmd(dataset, out, *flags):
     return torchrun_cmd(2, *TINY, f"--dataset={dataset}", f"--out_dir={out}", *flags)
 
 
 def launch(dataset, out, *flags):
-    """A 2-rank torchrun job to its end; its output."""
-    done = subprocess.run(fsdp_cmd(dataset, out, "--checkpoint_interval=2", *flags), cwd=HERE, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    """A 2-rank job to its end, its ranks started as torchrun starts them (its agent left out, a launch costs half
+    as much: these claims are about what the ranks compute); rank 0's output."""
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, "train.py", *TINY, f"--dataset={dataset}", f"--out_dir={out}",
+                               "--checkpoint_interval=2", *flags], cwd=HERE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env | {"RANK": r, "LOCAL_RANK": r})
+             for r in ("0", "1")]
+    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs[0]
 
 
 def load(out, step):
@@ -56,33 +66,34 @@ def load(out, step):
 
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory, dataset):
-    """A sharded run to step 4, a folder at steps 2 and 4."""
+    """One process to step 2 (a file), then 2 ranks sharded to step 6: folders at steps 4 and 6."""
     out = tmp_path_factory.mktemp("sharded")
-    launch(dataset, out, "--fsdp=True", "--max_iters=4")
+    run(out, dataset, "--gradient_accumulation_steps=2", "--max_iters=2", "--checkpoint_interval=2")
+    assert "resuming from step 2" in launch(dataset, out, "--fsdp=True", "--max_iters=6")  # a file -> 2 ranks
     return out
 
 
+@ONE_WORKER
 def test_sharded_runs_resume_exactly_across_layouts(tmp_path, dataset, sharded_run, ddp_reference):
     out = tmp_path / "out"
     shutil.copytree(sharded_run, out)
-    for step in (2, 4):
+    for step in (4, 6):  # 1 -> 2 (DDP -> FSDP): the fixture's run
         assert sorted(os.listdir(checkpoint.path_for(str(out), step))) == [
             ".metadata", "__0_0.distcp", "__1_0.distcp", "run.pt"]
         assert_identical(load(ddp_reference, step), load(out, step))
     converted = tmp_path / "whole.pt"
-    done = subprocess.run([sys.executable, "checkpoint.py", checkpoint.path_for(str(out), 4), str(converted)],
+    done = subprocess.run([sys.executable, "checkpoint.py", checkpoint.path_for(str(out), 6), str(converted)],
                           cwd=HERE, capture_output=True, text=True)
     assert done.returncode == 0 and "wrote" in done.stdout, done.stderr
-    assert_identical(load(ddp_reference, 4), torch.load(converted, weights_only=True))
+    assert_identical(load(ddp_reference, 6), torch.load(converted, weights_only=True))
 
-    run(out, dataset, "--from_checkpoint_step=2", "--max_iters=4", "--checkpoint_interval=2")  # 2 -> 1, a rewind
+    run(out, dataset, "--from_checkpoint_step=4", "--max_iters=6", "--checkpoint_interval=2")  # 2 -> 1, a rewind
     (abandoned,) = glob.glob(str(out / "abandoned-*"))
-    assert_identical(load(ddp_reference, 4), load(abandoned, 4))  # the folder it set aside, whole
-    assert os.path.isfile(checkpoint.path_for(str(out), 4))
-    assert_identical(load(ddp_reference, 4), load(out, 4))
-    assert "resuming from step 4" in launch(dataset, out, "--max_iters=6")  # a file -> 2 ranks sharded
-    assert os.path.isdir(checkpoint.path_for(str(out), 6))
-    launch(dataset, out, "--max_iters=8")  # a 2-rank folder -> 2 ranks sharded
+    assert_identical(load(ddp_reference, 6), load(abandoned, 6))  # the folder it set aside, whole
+    assert os.path.isfile(checkpoint.path_for(str(out), 6))
+    assert_identical(load(ddp_reference, 6), load(out, 6))
+    launch(dataset, out, "--from_checkpoint_step=4", "--max_iters=8")  # a 2-rank folder -> 2 ranks sharded
+    assert os.path.isdir(checkpoint.path_for(str(out), 8))
     assert "fsdp: True -> False" in launch(dataset, out, "--fsdp=False", "--max_iters=10")  # a folder -> DDP
     assert os.path.isfile(checkpoint.path_for(str(out), 10))
     for step in (6, 8, 10):
@@ -97,11 +108,12 @@ def test_sharded_equals_ddp_with_two_micro_batches_a_rank(tmp_path, dataset):
     assert_identical(load(tmp_path / "--fsdp=False", 2), load(tmp_path / "--fsdp=True", 2))
 
 
+@ONE_WORKER
 def test_a_damaged_folder_is_refused_and_an_older_step_resumed(tmp_path, sharded_run, capsys):
     def spoilt(how):
         out = tmp_path / how
         shutil.copytree(sharded_run, out)
-        folder = checkpoint.path_for(str(out), 4)
+        folder = checkpoint.path_for(str(out), 6)
         if how == "bit flipped":
             with open(os.path.join(folder, "__1_0.distcp"), "r+b") as f:
                 f.seek(100)
@@ -127,7 +139,7 @@ def test_a_damaged_folder_is_refused_and_an_older_step_resumed(tmp_path, sharded
         with pytest.raises(checkpoint.CheckpointError, match=problem):
             checkpoint.load(folder)
         step, state = checkpoint.find(str(out), -1)
-        assert step == 2 and "trying an older one" in capsys.readouterr().out
+        assert step == 4 and "trying an older one" in capsys.readouterr().out
         assert not checkpoint.describe(str(out))[1]
 
     class Exploit:  # what a hostile .metadata could carry: unpickling it would run os.system
@@ -141,27 +153,29 @@ def test_a_damaged_folder_is_refused_and_an_older_step_resumed(tmp_path, sharded
         sharded.SafeReader(folder).read_metadata()
 
 
+@ONE_WORKER
 def test_a_folder_missing_a_rank_s_shards_is_never_published(tmp_path, sharded_run):
     """On two machines whose out_dirs are not one filesystem, rank 0 sees none of the other's files."""
     out = tmp_path / "out"
     shutil.copytree(sharded_run, out)
-    tmp = checkpoint.path_for(str(out), 6, folder=True) + checkpoint.TMP_SUFFIX
-    shutil.copytree(checkpoint.path_for(str(out), 4), tmp)
+    tmp = checkpoint.path_for(str(out), 8, folder=True) + checkpoint.TMP_SUFFIX
+    shutil.copytree(checkpoint.path_for(str(out), 6), tmp)
     os.remove(os.path.join(tmp, "__1_0.distcp"))
     written = concurrent.futures.Future()
     written.set_result(None)
-    info = {k: v for k, v in load(out, 4).items() if k not in ("model", "optimizer")} | {"step": 6}
+    info = {k: v for k, v in load(out, 6).items() if k not in ("model", "optimizer")} | {"step": 8}
     with pytest.raises(checkpoint.CheckpointError, match="lacks __1_0.distcp: .* one filesystem that every machine"):
-        saver.publish_folder(str(out), 6, written, info, 0, 0, [], threading.Event(), lambda: None)
-    assert checkpoint.list_steps(str(out)) == [2, 4]
+        saver.publish_folder(str(out), 8, written, info, 0, 0, [], threading.Event(), lambda: None)
+    assert checkpoint.list_steps(str(out)) == [2, 4, 6]
 
 
+@ONE_WORKER
 def test_retention_deletes_folders_whole(tmp_path, sharded_run):
     out = tmp_path / "out"
     shutil.copytree(sharded_run, out)
-    assert checkpoint.prune(str(out), 1, 0) == [2]
-    assert checkpoint.list_steps(str(out)) == [4] and sorted(os.listdir(out)) == [
-        "ckpt_0000004", "metrics.jsonl", "train.lock"]
+    assert checkpoint.prune(str(out), 1, 0) == [2, 4]
+    assert checkpoint.list_steps(str(out)) == [6] and sorted(os.listdir(out)) == [
+        "ckpt_0000006", "metrics.jsonl", "train.lock"]
 
 
 def test_a_sharded_run_stops_on_a_signal_and_survives_kill_9(tmp_path, dataset, ddp_reference):

@@ -1,5 +1,5 @@
 """
-The trainer's promises, each tested on tiny models on the CPU:  python3 -m pytest -q -n 2 test_train.py test_outdir.py
+The trainer's promises, each tested on tiny models on the CPU:  python3 -m pytest -q -n 2 --dist loadgroup test_*.py
 In-process runs where the claim is about what training computes; real processes (torchrun, exit codes)
 where the claim is about processes.
 """
