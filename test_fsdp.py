@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import checkpoint
+import sample
 import saver
 import sharded
 import test_train
@@ -167,6 +168,13 @@ def test_a_folder_missing_a_rank_s_shards_is_never_published(tmp_path, sharded_r
     with pytest.raises(checkpoint.CheckpointError, match="lacks __1_0.distcp: .* one filesystem that every machine"):
         saver.publish_folder(str(out), 8, written, info, 0, 0, [], threading.Event(), lambda: None)
     assert checkpoint.list_steps(str(out)) == [2, 4, 6]
+
+
+@ONE_WORKER
+def test_sample_py_reads_a_sharded_run_unchanged(sharded_run, capsys):
+    sample.main([f"--out_dir={sharded_run}", "--start=def ", "--num_samples=1", "--max_new_tokens=20", "--device=cpu"])
+    printed = capsys.readouterr()
+    assert printed.out.startswith("def ") and os.path.join(str(sharded_run), "ckpt_0000006") in printed.err
 
 
 @ONE_WORKER
