@@ -28,6 +28,7 @@ import sample
 import saver
 import sharded
 import test_train
+from configurator import ConfigError
 from test_train import (HERE, TINY, assert_identical, free_port, kill_9_again_and_again, run, stop_by_signal,
                         torchrun_cmd, worker_with_rank)
 
@@ -196,3 +197,9 @@ def test_a_sharded_run_stops_on_a_signal_and_survives_kill_9(tmp_path, dataset, 
     assert checkpoint.describe(str(out))[1]  # every folder with a final name is whole
     run(out, dataset, "--max_iters=40", "--checkpoint_interval=1")
     assert_identical(load(ddp_reference, 40), load(out, 40))
+
+
+def test_float16_is_refused_sharded():
+    """GradScaler would find an inf in one rank's shard of the gradient alone, and the ranks would skip apart."""
+    with pytest.raises(ConfigError, match="fsdp=True needs dtype bfloat16 or float32"):
+        sharded.shard(None, None, "cuda", "float16")
