@@ -161,15 +161,15 @@ def load(path, whole=True, checked=False):
     """Verify and load a checkpoint (tensors and plain data only). CheckpointError when it is damaged, not one of
     ours, or holds another step than its name says; ReadError when the system cannot read it (EIO, EMFILE: the
     file may be fine); Vanished when it is gone (a live run pruned it). whole=False leaves a folder's tensors on
-    disk, for sharded.load_shards: its dict then has "shards", the folder, instead of the model and optimizer;
+    disk, for sharded.load_shards: its dict then has "shards", the folder, an empty model and no optimizer state;
     checked=True skips their CRC32s (rank 0 just checked them: the other ranks of a job would read it all again)."""
     try:
         folder = os.path.isdir(path)
-        problem = verify(os.path.join(path, sharded.RUN_NAME) if folder else path)
+        file = os.path.join(path, sharded.RUN_NAME) if folder else path
+        problem = verify(file)
         if problem is None:
             # mmap: tensors come straight from the page cache the check just filled, copy-on-write
-            state = torch.load(os.path.join(path, sharded.RUN_NAME) if folder else path, weights_only=True,
-                               map_location="cpu", mmap=True)
+            state = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
             if folder and isinstance(state, dict) and not checked:  # a non-dict: not_ours names what it holds
                 problem = sharded.damaged(path, state)
         if folder and problem is None and isinstance(state, dict):
@@ -247,8 +247,7 @@ def find_to_read(out_dir, requested, reader):
     step N; `reader` says what the script does with it ("sample from"), for the error when there is none."""
     if requested < -1 or requested == 0:
         raise CheckpointError(f"from_checkpoint_step must be -1 (newest) or a step, got {requested}")
-    warn = lambda message: print(message, file=sys.stderr)
-    step, state = find(out_dir, requested, warn) if list_steps(out_dir) else (0, None)
+    step, state = find(out_dir, requested, lambda m: print(m, file=sys.stderr)) if list_steps(out_dir) else (0, None)
     if state is None:
         raise CheckpointError(f"no checkpoint to {reader} in {out_dir}{similar_run(out_dir)}")
     return step, state
@@ -278,7 +277,8 @@ def prune(out_dir, keep_last, keep_every, protect=()):
         try:
             if os.path.isdir(path):  # renamed away first: no half-deleted folder ever holds a final name
                 os.rename(path, path + TMP_SUFFIX)
-            _delete(path + TMP_SUFFIX if os.path.isdir(path + TMP_SUFFIX) else path)
+                path += TMP_SUFFIX
+            _delete(path)
         except OSError as e:  # a checkpoint we failed to delete costs disk space, not correctness
             print(f"warning: cannot delete {e.filename}: {e.strerror}")
     return doomed

@@ -50,6 +50,18 @@ def tensors_of(state):
                    for key, t in per_param.items()}
 
 
+def _split(flat):
+    """tensors_of undone: (the model's {name: value}, the optimizer's {index: {key: value}}, by index)."""
+    model, per_param = {}, {}
+    for key, value in flat.items():
+        if key.startswith("model/"):
+            model[key.removeprefix("model/")] = value
+        else:
+            _, index, name = key.split("/", 2)
+            per_param.setdefault(int(index), {})[name] = value
+    return model, dict(sorted(per_param.items()))
+
+
 def run_info(state):
     """What run.pt holds of a checkpoint: all but the tensors (the optimizer keeps its param_groups)."""
     return {k: v for k, v in state.items() if k != "model"} | {
@@ -129,13 +141,8 @@ def read_whole(folder, info):
         warnings.simplefilter("ignore")
         dcp.load(flat, storage_reader=SafeReader(folder), no_dist=True)
     state = {k: v for k, v in info.items() if k != "checksums"}
-    state["model"] = {key.removeprefix("model/"): t for key, t in flat.items() if key.startswith("model/")}
-    per_param = {}
-    for key, t in flat.items():
-        if key.startswith("optimizer/"):
-            _, index, name = key.split("/", 2)
-            per_param.setdefault(int(index), {})[name] = t
-    state["optimizer"] = {"state": dict(sorted(per_param.items())), **info["optimizer"]}
+    state["model"], per_param = _split(flat)
+    state["optimizer"] = {"state": per_param, **info["optimizer"]}
     return state
 
 
@@ -156,15 +163,12 @@ def load(model, optimizer, state):
 def load_shards(model, optimizer, folder, param_groups):
     """Each rank reads its part of every tensor of the folder. AdamW keeps no state before its first step, so it
     is made here in each tensor's shape first: a parameter's sharded like it, a scalar (the step count) whole."""
-    flat = {f"model/{name}": t for name, t in model.state_dict().items()}
-    params, state = _params(optimizer), {}
-    for key, (shape, dtype) in saved_tensors(folder).items():
-        if key.startswith("optimizer/"):
-            _, index, name = key.split("/", 2)
-            p = params[int(index)]
-            t = torch.zeros_like(p) if shape == p.shape else torch.zeros(shape, dtype=dtype)
-            state.setdefault(int(index), {})[name] = flat[key] = t
-    dcp.load(flat, storage_reader=SafeReader(folder))
+    params, (_, saved) = _params(optimizer), _split(saved_tensors(folder))
+    state = {i: {key: torch.zeros_like(params[i]) if shape == params[i].shape else torch.zeros(shape, dtype=dtype)
+                 for key, (shape, dtype) in per_param.items()} for i, per_param in saved.items()}
+    # in place: the model's state_dict and these templates are the very tensors DCP fills
+    into = tensors_of({"model": model.state_dict(), "optimizer": {"state": state}})
+    dcp.load(into, storage_reader=SafeReader(folder))
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 

@@ -2,37 +2,22 @@
 bench_fsdp.py, cheaply: under torchrun with 2 ranks on a tiny GPT, FSDP2 holds half of DDP's parameters, gradients
 and AdamW moments on every rank, and trains the same model; bad arguments are one line, before any process group.
 """
-import os
 import re
-import socket
-import subprocess
-import sys
 
 import pytest
 
 import bench_fsdp
 from configurator import ConfigError
+from test_train import run_ranks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--vocab_size=64", "--batch_size=2",
         "--warmup=1", "--steps=1", "--repeats=1"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp_holds_half_of_ddps_state_on_each_of_two_ranks():
     # the two ranks as torchrun would start them, without torchrun's own start-up (seconds of this test's few)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    ranks = [subprocess.Popen([sys.executable, "bench_fsdp.py", "--device=cpu", *TINY], cwd=HERE, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
-    (out, err), _ = [p.communicate(timeout=120) for p in ranks]
-    assert [p.returncode for p in ranks] == [0, 0], err[-2000:]
+    codes, (out, _) = run_ranks(["bench_fsdp.py", "--device=cpu", *TINY], timeout=120)
+    assert codes == [0, 0], out[-2000:]
     rows = re.findall(r"^(\d) +\| (.+?) +\| .+\| ([\d.]+)x$", out, re.M)
     ratio = {(int(rank), what.strip()): float(r) for rank, what, r in rows}
     for rank in (0, 1):

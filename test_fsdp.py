@@ -29,7 +29,7 @@ import saver
 import sharded
 import test_train
 from configurator import ConfigError
-from test_train import (HERE, TINY, assert_identical, free_port, kill_9_again_and_again, run, stop_by_signal,
+from test_train import (HERE, TINY, assert_identical, kill_9_again_and_again, run, run_ranks, stop_by_signal,
                         torchrun_cmd, worker_with_rank)
 
 # As in test_train.py: one thread per process, here and in the processes the tests start (they inherit it).
@@ -49,16 +49,10 @@ def fsdp_cmd(dataset, out, *flags):
 
 
 def launch(dataset, out, *flags):
-    """A 2-rank job to its end, its ranks started as torchrun starts them (its agent left out, a launch costs half
-    as much: these claims are about what the ranks compute); rank 0's output."""
-    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    ranks = [subprocess.Popen([sys.executable, "train.py", *TINY, f"--dataset={dataset}", f"--out_dir={out}",
-                               "--checkpoint_interval=2", *flags], cwd=HERE, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env | {"RANK": r, "LOCAL_RANK": r})
-             for r in ("0", "1")]
-    outputs = [rank.communicate(timeout=300)[0] for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    """A 2-rank job to its end (run_ranks: these claims are about what the ranks compute); rank 0's output."""
+    codes, outputs = run_ranks(["train.py", *TINY, f"--dataset={dataset}", f"--out_dir={out}",
+                                "--checkpoint_interval=2", *flags])
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     return outputs[0]
 
 

@@ -366,6 +366,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def run_ranks(args, world_size=2, timeout=300):
+    """`python args...` as the ranks of one job, started as torchrun starts its workers, its agent left out (half a
+    launch's cost, where the claim is about what the ranks do); (their exit codes, each rank's output)."""
+    env = {**os.environ, "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world_size)]
+    outputs = [rank.communicate(timeout=timeout)[0] for rank in ranks]
+    return [rank.returncode for rank in ranks], outputs
+
+
 def torchrun_cmd(nproc, *args, nodes=None):
     """torchrun on loopback: one node by default; nodes=(node_rank, port) for one of two simulated machines."""
     where = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1"] if nodes is None else \
