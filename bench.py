@@ -24,7 +24,8 @@ import torch
 
 import checkpoint
 import saver
-from configurator import parse, run_main
+from configurator import parse
+from stops import run_main
 from dataset import get_batch, load_dataset
 from device import peak_flops, setup_runtime
 from model import GPT, GPTConfig

@@ -10,7 +10,7 @@ and the step counts), their total, its peak memory (on a GPU) and the mean step 
 
 Both sides are set up as train.py sets them up: model.py's GPT seeded alike on every rank, AdamW from its
 configure_optimizers, DDP or sharded.shard (each Block, then the root), the gradients over a NCCL group of their
-own on CUDA (gloo, the default group, carries the rest and everything on a CPU), sharded.clip_grad_norm. The
+own on CUDA (gloo, the default group, carries the rest and everything on a CPU), model.clip_grad_norm. The
 batches are synthetic tokens (torch.randint with a fixed seed per rank, so no dataset is needed), the same on
 both sides: the last step's loss of each side is printed as a check that both trained the same model.
 Bytes are those of the tensors a rank holds, a DTensor's local shard (to_local()) for FSDP2. The GPU's peak
@@ -27,9 +27,10 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sharded
-from configurator import ConfigError, check_ranges, parse, run_main
+from configurator import ConfigError, check_ranges, parse
+from stops import run_main
 from device import check_device, setup_runtime
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, clip_grad_norm
 
 CONFIG = [  # (key, default, what it sets)
     ("device", "auto", "auto (each rank's GPU when there is one, else the CPU), cpu or cuda"),
@@ -92,7 +93,7 @@ def train(kind, cfg, device, dtype, autocast, grad_group, batches):
         loss.backward()
         if i == 0:  # the same shapes at every step: counted once, in the untimed warm-up
             out["gradients"] = held(p.grad for p in model.parameters() if p.grad is not None)
-        sharded.clip_grad_norm(model.parameters(), 1.0)
+        clip_grad_norm(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()

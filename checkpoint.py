@@ -209,6 +209,38 @@ def not_ours(state):
     return f"not a checkpoint of this trainer: it has no {', no '.join(missing)}" if missing else None
 
 
+def misfit(expected, saved):
+    """What keeps `saved` ({name: tensor or shape}) from loading into a model whose state_dict is `expected`, in
+    a few words (names missing, names unexpected, shapes that differ, the first few of each), or None."""
+    saved_shapes = {}
+    for name, value in saved.items():
+        saved_shapes[name] = tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+    missing = [name for name in expected if name not in saved_shapes]
+    unexpected = [name for name in saved_shapes if name not in expected]
+    reshaped = [name for name in expected if name in saved_shapes and saved_shapes[name] != tuple(expected[name].shape)]
+    problems = []
+    for what, names in (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            problems.append(f"{what}: {', '.join(names[:3])}{more}")
+    return "; ".join(problems) or None
+
+
+def groups_misfit(groups, saved_groups):
+    """What keeps an optimizer's saved param_groups from loading into one with `groups` (their number, names or
+    sizes differ), or None."""
+    if len(groups) != len(saved_groups):
+        return f"{len(saved_groups)} parameter groups in the checkpoint, {len(groups)} here"
+    for group, saved in zip(groups, saved_groups):
+        name = group.get("name", "?")
+        if saved.get("name", name) != name:
+            return f"a group named {saved['name']!r} in the checkpoint, {name!r} here"
+        if len(saved["params"]) != len(group["params"]):
+            return (f"group {name!r} holds {len(saved['params'])} parameters in the checkpoint, "
+                    f"{len(group['params'])} here")
+    return None
+
+
 def find(out_dir, requested, warn=print, whole=True):
     """The (step, state) to resume: requested=-1 is the newest good checkpoint, skipping damaged ones with a
     warning, or (0, None) when there is none (when there are only damaged ones, an error lists them);

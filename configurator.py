@@ -1,6 +1,6 @@
 """
-Every script's command line: config in, one-line errors and exit codes out (run_main). Config comes from Python
-files and --key=value flags, applied in command-line order, so later wins:
+Every script's command line: config in, one-line errors out. Config comes from Python files and --key=value flags,
+applied in command-line order, so later wins:
 
     python train.py config/train_shakespeare_char.py --batch_size=32 --compile=False
 
@@ -16,60 +16,13 @@ import difflib
 import math
 import os
 import re
-import signal
 import sys
 import types
 
 
 class ConfigError(Exception):
-    """Bad input. The scripts print it as one line on stderr and exit with code 2, having written nothing."""
-
-
-def is_rank_0():
-    """Whether this process speaks for the job: rank 0 under torchrun (the others would say the same), or alone."""
-    return int(os.environ.get("RANK", 0)) == 0
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # Ctrl-C, and what schedulers send before a kill
-
-
-class ScriptSignals:
-    """run_main's handler of STOP_SIGNALS in a script that stops on them itself: until its run takes them over
-    (outdir.StopSignals, which puts SIG_IGN in place of this handler when it lets go, the run's outcome decided),
-    a signal stops the script at once, as Ctrl-C does by default: KeyboardInterrupt, exit 130, nothing saved."""
-
-    def __call__(self, signum, frame):
-        raise KeyboardInterrupt
-
-
-def run_main(main, errors=(), interrupted=None):
-    """A script's entry point: main(argv), with ConfigError and the given error classes (bad input, all) printed
-    as one line on stderr and exit code 2; with `interrupted`, Ctrl-C prints it (or the KeyboardInterrupt's own
-    message) and exits 130. Under torchrun, rank 0 alone prints: the other ranks would say the same.
-
-    `interrupted` also says the script stops on signals itself while its run lives (train.py's outdir.StopSignals),
-    and then SIGTERM and SIGUSR1 stop it at once too before that run begins (ScriptSignals). Once main has returned
-    or raised, the exit code is decided: a signal from then on, up to the interpreter's last instant, is ignored."""
-    speak = is_rank_0()
-    handled = STOP_SIGNALS if interrupted is not None else ()
-    for sig in handled:
-        signal.signal(sig, ScriptSignals())
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, *errors) as e:
-        code, line = 2, f"error: {e}"
-    except KeyboardInterrupt as e:  # a KeyboardInterrupt raised with a message says what to do next
-        if interrupted is None and not e.args:
-            raise
-        code, line = 130, e.args[0] if e.args else interrupted
-    else:
-        code, line = 0, None
-    for sig in handled:  # SIG_IGN outlives the teardown, which sets signals with a Python handler back to default
-        signal.signal(sig, signal.SIG_IGN)
-    if line and speak:
-        print(line, file=sys.stderr)
-    if code:
-        sys.exit(code)
+    """Bad input. The scripts print it as one line on stderr and exit with code 2 (stops.run_main), having
+    written nothing."""
 
 
 def check_ranges(cfg, positive=(), not_negative=(), below_one=()):

@@ -23,7 +23,8 @@ import sys
 import numpy as np
 import torch
 
-from configurator import ConfigError, is_rank_0
+from configurator import ConfigError
+from stops import is_rank_0
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TRAIN_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2  # keep the three uses of the seed independent

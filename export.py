@@ -19,7 +19,8 @@ import shutil
 import sys
 
 import checkpoint
-from configurator import ConfigError, parse, run_main
+from configurator import ConfigError, parse
+from stops import run_main
 from hf_gpt2 import char_tokenizer, save_safetensors, to_hf_gpt2
 
 CONFIG = [  # (key, default, what it sets); `python export.py --help` prints this table

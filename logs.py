@@ -9,6 +9,9 @@ import json
 import os
 import time
 import uuid
+from contextlib import contextmanager
+
+import torch.distributed as dist
 
 import checkpoint
 from configurator import ConfigError
@@ -103,40 +106,52 @@ def clock(seconds):
 
 
 class Pace:
-    """The loop's clock. It measures evaluations and saves as they run (time) and takes a step's training time from
+    """The loop's clock. It measures evaluations and saves as they run (timed) and takes a step's training time from
     the loop (left); an evaluation not measured yet is estimated from the step: 2 x eval_iters batches of forward
     passes, a forward pass a third of a micro-step's forward and backward. left() counts the evaluations and saves
-    still due, and time() says first what one will do when it is expected to take LONG or more."""
+    still due, and timed() says first what one will do when it is expected to take LONG or more."""
 
     LONG = 20.0  # seconds: the wait beyond which a silent terminal looks like a hang
 
-    def __init__(self, cfg, local_accum, log=print):
-        self.cfg, self.local_accum, self.log = cfg, local_accum, log
-        self.step_s, self.took = None, {"eval": None, "save": None}
+    def __init__(self, cfg, log=print):
+        self.cfg = cfg
+        self.log = log
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
+        self.micro_steps = cfg["gradient_accumulation_steps"] // ranks  # a rank's, in each step
+        self.step_s = None  # seconds a step trains, as the loop last measured it
+        self.took = {"eval": None, "save": None}  # seconds the last of each took
 
     def expected(self, what):
         """Seconds an evaluation or save is expected to take: the last one's, or for an evaluation the estimate."""
         if self.took[what] is None and what == "eval" and self.step_s is not None:
-            return 2 * self.cfg["eval_iters"] * self.step_s / self.local_accum / 3
+            return 2 * self.cfg["eval_iters"] * self.step_s / self.micro_steps / 3
         return self.took[what] or 0.0
 
     def left(self, step, step_s):
         """The time to max_iters from `step`, at step_s seconds a step, with the evaluations and saves due (at their
         intervals, and at the last step; `step`'s own too, which the loop does after it prints this), as H:MM:SS."""
-        self.step_s, end = step_s, self.cfg["max_iters"]
-        due = {what: end // self.cfg[key] - (step - 1) // self.cfg[key] + (end % self.cfg[key] != 0)
-               for what, key in (("eval", "eval_interval"), ("save", "checkpoint_interval"))}
-        return clock((end - step) * step_s + sum(n * self.expected(what) for what, n in due.items()))
+        self.step_s = step_s
+        end = self.cfg["max_iters"]
+        seconds = (end - step) * step_s
+        for what, key in (("eval", "eval_interval"), ("save", "checkpoint_interval")):
+            interval = self.cfg[key]
+            due = end // interval - (step - 1) // interval
+            if end % interval:
+                due += 1  # the last step's
+            seconds += due * self.expected(what)
+        return clock(seconds)
 
-    def time(self, what, step, run, *args, **kwargs):
-        """run(*args, **kwargs), an evaluation or a save of `step`, said first when it is expected to take LONG or
-        more; its duration is what the next one expects."""
+    @contextmanager
+    def timed(self, what, step):
+        """Time an evaluation or a save of `step`, said first when it is expected to take LONG or more; its
+        duration is what the next one expects."""
         expected = self.expected(what)
         if expected >= self.LONG:
-            doing = (f"estimating the train and val loss on eval_iters={self.cfg['eval_iters']} batches each"
-                     if what == "eval" else "saving a checkpoint")
+            if what == "eval":
+                doing = f"estimating the train and val loss on eval_iters={self.cfg['eval_iters']} batches each"
+            else:
+                doing = "saving a checkpoint"
             self.log(f"step {step}: {doing}, about {clock(expected)}")
         began = time.perf_counter()
-        result = run(*args, **kwargs)
+        yield
         self.took[what] = time.perf_counter() - began
-        return result

@@ -1,13 +1,16 @@
 """
 A GPT in one file, GPT-2's architecture under nanoGPT's parameter names, so that GPT-2's
 weights map onto it by name (transformer.wte, transformer.h.0.attn.c_attn, lm_head, ...).
+At the end, the gradient norm train.py clips with: the same to the last bit in every layout.
 """
 import inspect
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 
@@ -177,3 +180,55 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
+
+# ---- the gradient's norm, the same in every layout ----
+# torch's clip_grad_norm_ sums a sharded gradient's squares in another order than a whole one's, so a run resumed on
+# other ranks, or sharded otherwise, would drift in the last bits as soon as clipping applies. These sum each row
+# where it lies whole (FSDP2 shards along rows), then every row's sum in sorted order, which no layout changes.
+
+
+def grad_norm(params):
+    """The L2 norm of all the gradients of params (FSDP2's DTensors or plain tensors), the same to the last bit in
+    every layout. Unsharded, it is the same computation."""
+    rows = []
+    mesh = None
+    for p in params:
+        grad = p.grad
+        if isinstance(grad, DTensor):
+            mesh = grad.device_mesh
+            grad = grad.to_local()
+        squares = grad.detach().float().square()
+        if squares.dim() > 1:
+            rows.append(squares.flatten(1).sum(1))  # one sum per row
+        else:
+            rows.append(squares.reshape(-1))
+    rows = torch.cat(rows)
+    if mesh is not None:
+        rows = gather_rows(rows, mesh.get_group())
+    return rows.sort().values.sum().sqrt()
+
+
+def gather_rows(rows, group):
+    """Every rank's rows, in rank order. Ranks hold different numbers of rows: each sends its count first (exact in
+    float32 below 2**24 rows a rank), padded to the longest."""
+    mine = torch.cat([torch.tensor([len(rows)], dtype=rows.dtype, device=rows.device), rows])
+    longest = torch.tensor([len(mine)], device=rows.device)
+    dist.all_reduce(longest, dist.ReduceOp.MAX, group=group)
+    padded = F.pad(mine, (0, int(longest) - len(mine)))
+    everyone = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, padded, group=group)
+    return torch.cat([r[1:1 + int(r[0])] for r in everyone])
+
+
+def clip_grad_norm(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_ with grad_norm's norm: scale the gradients so that their norm is at most
+    max_norm. Returns the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    norm = grad_norm(params)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if isinstance(p.grad, DTensor):
+            p.grad.to_local().mul_(scale)
+        else:
+            p.grad.mul_(scale)
+    return norm

@@ -1,179 +1,322 @@
 """
-A run's life in its out_dir, apart from the checkpoint files themselves (checkpoint.py's) and its log (logs.py's):
-one run per folder (an flock on train.lock, and a check that the folder is still the one locked), the step to
-start from, chosen by rank 0 and told to every rank, which must all have been given the same config, what a
-resume inherits from its checkpoint and a fresh start from init_from, rewinds (newer checkpoints and their
-metrics set aside, in an order a kill cannot make lose anything), and the signals that stop a run, with the vote
-that makes every DDP rank stop after the same step. Nothing here writes before open_out_dir, which train.py calls
-once every check has passed, but the lock (train.lock, in an out_dir that exists).
-"""
-import fcntl
-import os
-import signal
-import socket
-import time
+A run's checkpoints and its life in out_dir: all that train.py asks of them, in a handful of places.
 
-import torch
+    with outdir.Run(cfg, given) as run:         # stop signals handled from here on; the job's ranks joined
+        resumed = run.resume()                  # the checkpoint to resume (its config merged into cfg), or None
+        init = run.init_weights()               # a fresh start's weights (init_from), or None
+        load_weights(model, ...); load_optimizer(optimizer, scaler, resumed)
+        run.open()                              # every check has passed: only now is out_dir written
+        while ...:
+            run.log(step, loss=...)             # a line of metrics.jsonl, and of wandb
+            run.save(state)                     # a checkpoint, written in the background
+            if run.should_stop(step): break     # a signal: every rank stops after the same step
+        run.finish(step)                        # the last checkpoint is on disk
+
+The promises behind it: every rank resumes the step rank 0 chose, in a folder one run holds at a time; a resume
+continues the same run (every key this command does not set comes from the checkpoint); a checkpoint the code can
+no longer load is one line that names the difference; nothing is written before open(), but train.lock; a save is
+complete or absent, and a failed one stops the run at the next step; a signal saves the step and exits 0.
+
+Behind it: checkpoint.py (the files), saver.py (the background writer), folder.py (the lock, the guard,
+rewinds), logs.py (metrics), stops.py (signals and exit codes), sharded.py (FSDP2 folders), device.py (the job).
+"""
+import os
+from contextlib import ExitStack
+
 import torch.distributed as dist
 
 import checkpoint
-from configurator import STOP_SIGNALS, ConfigError, ScriptSignals, is_rank_0
+import folder
+import sharded
+from configurator import ConfigError
+from device import join_job
 from hf_gpt2 import GPT2_HUB_NAMES, load_hf_gpt2
-from logs import Metrics, metrics_path, split_metrics, start_wandb, write_whole
+from logs import Metrics, Pace, metrics_path, start_wandb
+from model import SHAPE_KEYS
+from saver import Saver
+from stops import StopSignals
 
 RUN_KEYS = ("out_dir", "from_checkpoint_step", "init_from", "eval_only")  # this command's alone, never inherited
-SHAPE_KEYS = checkpoint.SHAPE_KEYS  # the model's: a resume and init_from take them from the weights
-SCHEDULE_KEYS = ("learning_rate", "warmup_iters", "lr_decay_iters", "min_lr")  # what train.py's get_lr reads
-LOCK_NAME = "train.lock"
+NEW_RUN = "for a new run, pass another --out_dir (or --from_checkpoint_step=0 to start over here)"
 
 
-def lock(out_dir):
-    """Hold out_dir for this run: an exclusive flock on out_dir/train.lock, which the kernel releases when the
-    process ends, kill -9 included. Returns the open file (close it to release); CheckpointError names the
-    holder when another process has it. A filesystem without locks gets a warning, not a refusal."""
-    try:
-        f = open(os.path.join(out_dir, LOCK_NAME), "a+")
-    except OSError as e:
-        raise checkpoint.CheckpointError(f"cannot open {e.filename}: {e.strerror}") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that is starting"
-        f.close()
-        raise checkpoint.CheckpointError(f"out_dir {out_dir} is in use by another run ({holder}); "
-                                         f"wait for it to end, or pass another out_dir") from None
-    except OSError as e:
-        print(f"warning: cannot lock {f.name} ({e.strerror}): make sure no other run uses {out_dir}")
-        return f
-    f.truncate(0)
-    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    return f
+class Run:
+    """One run of train.py, from its first line to its last: see the module's docstring."""
 
+    def __init__(self, cfg, given):
+        self.cfg = cfg
+        self.given = given
+        self.ddp = "RANK" in os.environ  # started by torchrun
+        self.master = not self.ddp or int(os.environ["RANK"]) == 0  # rank 0 alone writes out_dir
+        self.cleanup = ExitStack()  # whatever ends the run, an error or Ctrl-C too, undoes what it set up
+        self.start_step = 0
+        self.lock_file = None
+        self.resumed_config = None
+        # the run's own records, kept in every checkpoint: where step 0's weights came from, the step with the
+        # best val loss, wandb's run
+        self.records = {"origin": "scratch", "best_checkpoint": None, "wandb_run_id": None}
+        self.metrics = Metrics()
+        self.saver = None
+        self.pace = None
 
-class Guard:
-    """Called before each write into out_dir: CheckpointError unless out_dir/train.lock is still the file this run
-    locked. A folder deleted and made anew, or a train.lock deleted or replaced, has another run's files now (or
-    soon): writing or pruning there would mix two runs in one folder."""
-
-    def __init__(self, out_dir, lock_file):
-        self.out_dir, self.held, self.folder = out_dir, os.fstat(lock_file.fileno()), os.stat(out_dir)
-
-    def foreign(self):
-        """Whether the folder at out_dir's path is another than the one locked: a file written there by path
-        since landed in another run's folder."""
-        return not checkpoint.same_file(self.out_dir, self.folder)
-
-    def __call__(self):
+    def __enter__(self):
         try:
-            now = os.stat(os.path.join(self.out_dir, LOCK_NAME))
-        except OSError:
-            now = None
-        if now is None or (now.st_dev, now.st_ino) != (self.held.st_dev, self.held.st_ino):
-            raise checkpoint.CheckpointError(f"out_dir {self.out_dir} is no longer the folder this run locked (it, "
-                                             f"or its {LOCK_NAME}, was deleted or replaced): stopped without "
-                                             f"writing there")
+            # first: a signal during start-up asks the run to stop after its first step, never cuts start-up short
+            self.stops = self.cleanup.enter_context(StopSignals(self.cfg, self.ddp))
+            if self.ddp:  # gloo carries control messages; each start of the job gets a store prefix of its own
+                self.cleanup.enter_context(join_job())
+        except BaseException:
+            self.cleanup.close()
+            raise
+        return self
 
+    def __exit__(self, kind, error, traceback):
+        return self.cleanup.__exit__(kind, error, traceback)
 
-def resolve_start(cfg, given, ddp, master, cleanup):
-    """Rank 0 locks out_dir (one run per folder; eval_only only reads) and picks the checkpoint to resume; it tells
-    the other ranks, and a resume takes its config (continue_run). Returns (step, state or None, lock or None)."""
-    if ddp:  # one job, one command: ranks told another max_iters would hang, another seed train two runs as one
-        configs = [None] * dist.get_world_size()  # from_checkpoint_step aside: rank 0 chooses, the others follow
-        dist.all_gather_object(configs, {k: v for k, v in cfg.items() if k != "from_checkpoint_step"})
-        differ = [k for k in configs[0] if any(c.get(k) != configs[0][k] for c in configs)]
-        if differ:
-            ranks = [r for r, c in enumerate(configs) if c != configs[0]]
-            raise ConfigError(f"the ranks of this job were given different configs: {', '.join(differ)} differ "
-                              f"between rank 0 and rank {ranks[0]}; start every node with the same command")
-    choice, state, locked = {"step": 0, "error": None}, None, None
-    whole = not (ddp and cfg["fsdp"])  # a sharded run's ranks each read their shards of a folder later
-    if master:
+    @property
+    def sharded(self):
+        """Whether the ranks shard the model (FSDP2): fsdp=True under torchrun, once a resume has merged its
+        config. On one process fsdp changes nothing: there is nothing to shard."""
+        return self.ddp and self.cfg["fsdp"]
+
+    def print(self, line):
+        if self.master:
+            print(line)
+
+    def resume(self):
+        """Choose the step to start from and return its checkpoint's state, or None for a fresh start. Rank 0
+        locks out_dir and chooses: the newest good checkpoint (from_checkpoint_step=-1), exactly step N, or none
+        (0); every rank gets the same step, and must have been given the same config. A resume continues the same
+        run: every key but RUN_KEYS that this command does not set comes from the checkpoint's config (cfg is
+        updated), and a key of the model's shape may not contradict it."""
+        cfg = self.cfg
+        if cfg["from_checkpoint_step"] < -1:
+            raise ConfigError(f"from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, "
+                              f"got {cfg['from_checkpoint_step']}")
+        folder.check_out_dir(cfg)
+        if self.ddp:
+            check_one_config(cfg)
+        # a sharded run's ranks each read their shards of a folder later, in load_optimizer
+        whole = not self.sharded
+        choice = {"step": 0, "error": None}
+        state = None
+        if self.master:
+            try:
+                choice["step"], state = self.choose_checkpoint(whole)
+            except checkpoint.CheckpointError as e:
+                choice["error"] = str(e)
+        if self.ddp:  # rank 0's choice, or its error, for every rank
+            envelope = [choice]
+            dist.broadcast_object_list(envelope, src=0)
+            choice = envelope[0]
+        if choice["error"]:
+            raise checkpoint.CheckpointError(choice["error"])
+        self.start_step = choice["step"]
+        if self.start_step and state is None:  # another rank: rank 0 has checked every file's CRC32
+            path = checkpoint.path_for(cfg["out_dir"], self.start_step)
+            state = checkpoint.load(path, whole, checked=not whole)
+        if state is not None:
+            self.resumed_config = dict(state["config"])
+            continue_run(cfg, self.given, state)
+            for key in self.records:
+                self.records[key] = state.get(key, self.records[key])
+        return state
+
+    def choose_checkpoint(self, whole):
+        """Rank 0: lock out_dir (eval_only only reads it) and find the checkpoint to resume."""
+        cfg = self.cfg
+        if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # a new out_dir is locked as it is made
+            self.lock_file = self.cleanup.enter_context(folder.lock(cfg["out_dir"]))
+        requested = cfg["from_checkpoint_step"]
+        # restarted by torchrun --max-restarts: the newest step, for rewinding again would undo the progress
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
+            requested = -1
+        return checkpoint.find(cfg["out_dir"], requested, print, whole)
+
+    def init_weights(self):
+        """A fresh start's weights, from init_from (see init_weights); None at a resume or for scratch."""
+        if self.resumed_config is not None:
+            return None
+        init = init_weights(self.cfg, self.given)
+        if init is not None:
+            self.records["origin"] = init["origin"]
+        return init
+
+    def start_line(self, get_lr):
+        """What the run starts from, said once every check has passed; at a resume, what this command changed,
+        each change as it acts (get_lr, train.py's schedule, tells whether a change moves any learning rate)."""
+        cfg = self.cfg
+        if self.resumed_config is None:
+            if self.records["origin"] != "scratch":
+                return f"starting fresh from the weights of {self.records['origin']}"
+            if cfg["from_checkpoint_step"] == 0:
+                return "starting fresh"
+            nanogpt = os.path.join(cfg["out_dir"], checkpoint.NANOGPT_NAME)
+            if os.path.isfile(nanogpt):
+                return f"starting fresh: no checkpoint of ours in {cfg['out_dir']} ({nanogpt} is nanoGPT's: " \
+                       f"init_from={nanogpt} starts from it)"
+            return f"starting fresh: no checkpoint in {cfg['out_dir']}"
+        verb = "evaluating" if cfg["eval_only"] else "resuming from"
+        line = f"{verb} step {self.start_step}"
+        changes = changed_keys(cfg, self.given, self.resumed_config, self.start_step, get_lr)
+        if changes:
+            line += f"; changed by this command: {'; '.join(changes)}"
+        if "init_from" in self.given:
+            line += f"\ninit_from applies to a fresh start only: this run resumes its own step {self.start_step}"
+        return line
+
+    def open(self):
+        """Every check has passed: rank 0 starts wandb when it is on (it may fail: before anything on disk
+        changes), locks a new out_dir, cleans what a crash left and rewinds to the start step; then the saver
+        starts."""
+        if self.master:
+            self.metrics = self.open_out_dir()
+        guard = self.metrics.guard
+        # whatever ends the run waits for the save in flight (entered last, so it is left first)
+        self.saver = self.cleanup.enter_context(Saver(self.cfg, guard, self.print, self.sharded, self.master))
+        self.pace = Pace(self.cfg, self.print)
+        self.stops.vote()  # the ranks' vote on stopping after the first step, while it computes
+
+    def open_out_dir(self):
+        """Rank 0's part of open(): returns the run's Metrics, whose guard every later write checks first."""
+        out_dir = self.cfg["out_dir"]
+        rewinding = any(s > self.start_step for s in checkpoint.list_steps(out_dir))
+        wandb_run = None
+        if self.cfg["wandb_log"]:
+            wandb_run = start_wandb(self.cfg, self.records["wandb_run_id"], rewinding, self.print)
+            self.cleanup.callback(wandb_run.finish)
+            self.records["wandb_run_id"] = wandb_run.id
         try:
-            if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # else locked when writing starts
-                locked = cleanup.enter_context(lock(cfg["out_dir"]))
-            # restarted by torchrun --max-restarts: the newest step, for rewinding again would undo the progress
-            requested = -1 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) else cfg["from_checkpoint_step"]
-            choice["step"], state = checkpoint.find(cfg["out_dir"], requested, print, whole)
-        except checkpoint.CheckpointError as e:
-            choice["error"] = str(e)
-    if ddp:
-        envelope = [choice]
-        dist.broadcast_object_list(envelope, src=0)
-        choice = envelope[0]
-    if choice["error"]:
-        raise checkpoint.CheckpointError(choice["error"])
-    step = choice["step"]
-    if step and state is None:
-        state = checkpoint.load(checkpoint.path_for(cfg["out_dir"], step), whole, checked=not whole)
-    if state is not None:
-        continue_run(cfg, given, state)
-    return step, state, locked
+            if self.lock_file is None:  # a new out_dir: lock it, and make sure no other run got there first
+                os.makedirs(out_dir, exist_ok=True)
+                self.lock_file = self.cleanup.enter_context(folder.lock(out_dir))
+                if checkpoint.list_steps(out_dir):
+                    raise checkpoint.CheckpointError(f"out_dir {out_dir} got checkpoints from another run "
+                                                     f"meanwhile")
+            folder.clean_leftovers(out_dir)
+            abandoned = folder.rewind(out_dir, self.start_step)
+            metrics_file = self.cleanup.enter_context(open(metrics_path(out_dir), "a"))
+        except OSError as e:
+            raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
+        if abandoned:
+            self.print(f"rewinding to step {self.start_step}: moved the newer checkpoints into {abandoned}")
+        metrics = Metrics(metrics_file, wandb_run, folder.Guard(out_dir, self.lock_file))
+        metrics.record(self.start_step, event="resume" if self.start_step else "start")
+        return metrics
+
+    def log(self, step, **fields):
+        """A line of metrics.jsonl (fsynced: a crash loses no line a checkpoint has) and of wandb, on rank 0."""
+        self.metrics.record(step, **fields)
+
+    def timed(self, what, step):
+        """with run.timed("eval", step): the time left counts what it measures, and says first what it will do
+        when that is expected to take long."""
+        return self.pace.timed(what, step)
+
+    def time_left(self, step, step_s):
+        """The time to max_iters, at step_s seconds a step, the evaluations and saves still due counted."""
+        return self.pace.left(step, step_s)
+
+    def save(self, state):
+        """Checkpoint state["step"]: a copy to host memory now, the writing in the background (async_checkpoint),
+        then retention, which never deletes the step resumed from or (keep_best) the best val loss's. A failed
+        save stops the run at the next should_stop."""
+        step = state["step"]
+        best = self.records["best_checkpoint"]
+        val_loss = state.get("val_loss")
+        if val_loss is not None and (best is None or val_loss < best[0]):
+            self.records["best_checkpoint"] = [val_loss, step]
+        protect = [self.start_step]
+        if self.cfg["keep_best"] and self.records["best_checkpoint"]:
+            protect.append(self.records["best_checkpoint"][1])
+        with self.pace.timed("save", step):
+            self.saver.save(state | self.records, protect)
+
+    def should_stop(self, step):
+        """Whether to stop after `step`, the step just done: a signal (SIGTERM, SIGUSR1, Ctrl-C) has asked, on
+        any rank; every rank gets the same answer. Raises the error of a save that failed in the background."""
+        self.saver.poll()
+        stop = self.stops.agreed(step)
+        self.stops.vote()  # the vote on the next step runs while it computes
+        if stop:
+            self.print(f"stopped by a signal after step {step}; rerun {self.stops.rerun()} to resume")
+        return stop
+
+    def finish(self, step):
+        """The run's end: the last checkpoint is on disk, and the ranks leave together."""
+        self.saver.finish()
+        if step == self.cfg["max_iters"]:
+            out = self.cfg["out_dir"]
+            self.print(f"done: trained to step {step} (max_iters); next: python sample.py --out_dir={out}, "
+                       f"python plot.py {out}, or train on with --max_iters=<more> (lr_decay_iters too, for the "
+                       f"schedule to stretch)")
+        if self.ddp:  # a rank tearing gloo down while rank 0 still saved was once seen to abort
+            dist.barrier()
 
 
-def start_line(cfg, given, step, state, init):
-    """What the run starts from; at a resume, what the command changed, each change as it acts (see no_effect)."""
-    if init:
-        return f"starting fresh from the weights of {init['origin']}"
-    if state is None:
-        nanogpt = os.path.join(cfg["out_dir"], checkpoint.NANOGPT_NAME)
-        hint = f" ({nanogpt} is nanoGPT's: init_from={nanogpt} starts from it)" if os.path.isfile(nanogpt) else ""
-        return "starting fresh" + (f": no checkpoint in {cfg['out_dir']}{hint}" if cfg["from_checkpoint_step"] == -1
-                                   else "")
-    old, ranks, changed = state["config"], dist.get_world_size() if dist.is_initialized() else 1, []
-    for k in sorted(given - set(RUN_KEYS) - set(SHAPE_KEYS)):  # the model's shape cannot change: continue_run
-        new = (cfg[k] or ranks) if k == "gradient_accumulation_steps" else cfg[k]  # 0: one micro-batch a rank
-        if k in old and old[k] != new:
-            why = f"0: one micro-batch a rank, {new}" if new != cfg[k] else no_effect(k, cfg, old, step)
-            changed.append(f"{k}: {old[k]!r} -> {cfg[k]!r}" + (f" ({why})" if why else ""))
-    return (f"{'evaluating' if cfg['eval_only'] else 'resuming from'} step {step}"
-            + (f"; changed by this command: {'; '.join(changed)}" if changed else "")
-            + (f"\ninit_from applies to a fresh start only: this run resumes its own step {step}"
-               if "init_from" in given else ""))
-
-
-def no_effect(key, cfg, old, step):
-    """Why changing `key` moves no learning rate of a step left (from `step` on) in train.py's get_lr, or None."""
-    if not cfg["decay_lr"]:
-        return "no effect: decay_lr=False keeps learning_rate" if key in SCHEDULE_KEYS[1:] else None
-    if key in SCHEDULE_KEYS[:3] and step >= max(cfg["lr_decay_iters"], 0 if key == "learning_rate" else old[key]):
-        return f"no effect: step {step} is past lr_decay_iters, where the learning rate stays min_lr={cfg['min_lr']}"
-
-
-def check_out_dir(cfg):
-    """The keys that pick the run and its checkpoint, checked first, since the others may come from it: out_dir
-    must be a folder this process can write in, or creatable (nothing is created here)."""
-    if not cfg["out_dir"]:
-        raise ConfigError("out_dir must not be empty")
-    if cfg["from_checkpoint_step"] < -1:
-        raise ConfigError(f"from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, "
-                          f"got {cfg['from_checkpoint_step']}")
-    path = os.path.abspath(cfg["out_dir"])
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise ConfigError(f"out_dir {cfg['out_dir']}: {path} is not a folder")
-    if not cfg["eval_only"] and not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"out_dir {cfg['out_dir']}: {path} is not writable")
+def check_one_config(cfg):
+    """One job, one command: ranks told another max_iters would hang, another seed would train two runs as one.
+    from_checkpoint_step aside: rank 0 chooses the step, the others follow."""
+    configs = [None] * dist.get_world_size()
+    dist.all_gather_object(configs, {k: v for k, v in cfg.items() if k != "from_checkpoint_step"})
+    differ = [k for k in configs[0] if any(c.get(k) != configs[0][k] for c in configs)]
+    if differ:
+        rank = next(r for r, c in enumerate(configs) if c != configs[0])
+        raise ConfigError(f"the ranks of this job were given different configs: {', '.join(differ)} differ "
+                          f"between rank 0 and rank {rank}; start every node with the same command")
 
 
 def continue_run(cfg, given, state):
     """A resume continues the same run: every key but RUN_KEYS comes from the checkpoint's config unless this
-    command sets it, and the model has the checkpoint's shape. Updates cfg; start_line says what changed."""
+    command sets it, and the model has the checkpoint's shape. Updates cfg."""
+    step = state["step"]
     missing = [key for key in ("optimizer", "config") if not isinstance(state.get(key), dict)]
     if missing:
-        raise checkpoint.CheckpointError(f"checkpoint step {state['step']} has weights but no {' or '.join(missing)}"
-                                         f": it cannot be resumed; init_from=<the file> starts a run from its weights")
-    cfg |= {k: v for k, v in state["config"].items() if k in cfg and k not in given and k not in RUN_KEYS}
-    for group, name in zip(state["optimizer"]["param_groups"], ("decay", "no_decay")):  # groups got names later
-        group.setdefault("name", name)
+        raise checkpoint.CheckpointError(f"checkpoint step {step} has weights but no {' or '.join(missing)}: it "
+                                         f"cannot be resumed; init_from=<the file> starts a run from its weights")
+    for key, value in state["config"].items():
+        if key in cfg and key not in given and key not in RUN_KEYS:
+            cfg[key] = value
     for key in SHAPE_KEYS:
-        if key in given and cfg[key] != state["model_args"][key]:
-            raise ConfigError(f"{key}={cfg[key]!r} contradicts checkpoint step {state['step']}, whose model has "
-                              f"{key}={state['model_args'][key]!r}: for a new run, pass another --out_dir (or "
-                              f"--from_checkpoint_step=0 to start over here)")
-        cfg[key] = state["model_args"][key]
+        saved = state["model_args"][key]
+        if key in given and cfg[key] != saved:
+            raise ConfigError(f"{key}={cfg[key]!r} contradicts checkpoint step {step}, whose model has "
+                              f"{key}={saved!r}: {NEW_RUN}")
+        cfg[key] = saved
+
+
+def changed_keys(cfg, given, old, step, get_lr):
+    """'key: old -> new' for each key this command set to another value than the checkpoint's config holds,
+    with a note where it moves no learning rate of a step left; a key the checkpoint predates is a change too."""
+    changes = []
+    for key in sorted(given - set(RUN_KEYS) - set(SHAPE_KEYS)):
+        if key not in old:
+            changes.append(f"{key}: (not in the checkpoint) -> {cfg[key]!r}")
+            continue
+        if old[key] == cfg[key]:
+            continue
+        change = f"{key}: {old[key]!r} -> {cfg[key]!r}"
+        if same_schedule(get_lr, cfg, old | {key: cfg[key]}, old, step):
+            change += " (no effect: the learning rate of every step left is the same)"
+        changes.append(change)
+    return changes
+
+
+def same_schedule(get_lr, cfg, new, old, step):
+    """Whether a key of get_lr's changes nothing it returns for the steps from `step` to max_iters. A key that
+    get_lr does not read is none of its business: False, so that nothing is said about it."""
+    reads = set()
+
+    class Reading(dict):  # the config, noting each key get_lr reads
+        def __getitem__(self, key):
+            reads.add(key)
+            return dict.__getitem__(self, key)
+
+    steps = range(step, cfg["max_iters"])
+    before = [get_lr(s, Reading(cfg | old)) for s in steps]
+    after = [get_lr(s, Reading(cfg | new)) for s in steps]
+    changed = {key for key in new if new[key] != old.get(key)}
+    return bool(changed & reads) and before == after
 
 
 def init_weights(cfg, given):
@@ -192,22 +335,10 @@ def init_weights(cfg, given):
         init = {"model_args": model_args, "weights": weights, "origin": f"Hugging Face GPT-2 {source}",
                 "vocab": {"tokenizer": "gpt2"}}
     else:
-        folder, colon, step = source.rpartition(":")
-        if not (colon and step.isdigit()):
-            folder, step = source, "-1"
-        if os.path.isfile(source):
-            state = checkpoint.load(source)
-        elif os.path.isdir(folder):
-            state = checkpoint.find(folder, int(step), warn=print)[1]
-            nanogpt = os.path.join(folder, checkpoint.NANOGPT_NAME)
-            if state is None and os.path.isfile(nanogpt):  # a nanoGPT out_dir: its one checkpoint
-                state = checkpoint.load(nanogpt)
-            if state is None:
-                raise ConfigError(f"init_from={source}: no checkpoint in {folder}")
-        else:
-            raise ConfigError(f"init_from={source}: not scratch, {', '.join(GPT2_HUB_NAMES)}, a Hugging Face GPT-2 "
-                              f"folder, or a checkpoint file or out_dir")
-        whose = f"{state['origin']}'s " if state.get("origin") == "nanoGPT" else ""
+        state = read_init_checkpoint(source)
+        whose = ""
+        if state.get("origin") == "nanoGPT":
+            whose = "nanoGPT's "
         init = {"model_args": state["model_args"], "weights": state["model"],
                 "origin": f"{source} ({whose}step {state['step']})", "vocab": state["meta"]}
     for key in SHAPE_KEYS:
@@ -217,134 +348,76 @@ def init_weights(cfg, given):
         if key not in given:
             cfg[key] = theirs
     # a smaller block_size (fine-tuning GPT-2's 1024 on 256, say) keeps the first rows of the position table
-    init["weights"]["transformer.wpe.weight"] = init["weights"]["transformer.wpe.weight"][:cfg["block_size"]]
+    positions = init["weights"].get("transformer.wpe.weight")
+    if positions is not None:
+        init["weights"]["transformer.wpe.weight"] = positions[:cfg["block_size"]]
     return init
 
 
-def rewind(out_dir, step):
-    """Make out_dir hold the timeline up to `step` alone, in an order that a kill at any moment cannot make lose
-    anything, and that a rerun completes: (1) a new folder abandoned-<time>/ gets the metrics lines past step,
-    written whole; (2) the newer checkpoints move into it; (3) metrics.jsonl keeps the lines up to step, written
-    whole. With no newer checkpoint only (3) runs: lines past step are then of steps a crash lost, which this run
-    computes again. Returns the abandoned folder, or None."""
-    newer = [s for s in checkpoint.list_steps(out_dir) if s > step]
-    kept, past = split_metrics(out_dir, step)
-    folder = None
-    if newer:
-        stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
-        folder, n = os.path.join(out_dir, stamp), 1
-        while os.path.exists(folder):  # two rewinds within one second
-            n += 1
-            folder = os.path.join(out_dir, f"{stamp}-{n}")
-        os.makedirs(folder)
-        write_whole(metrics_path(folder), past)
-        for s in newer:
-            name = os.path.basename(checkpoint.path_for(out_dir, s))
-            os.replace(os.path.join(out_dir, name), os.path.join(folder, name))
-        checkpoint.fsync_dir(out_dir)
-    if past or os.path.exists(metrics_path(out_dir)):
-        write_whole(metrics_path(out_dir), kept)
-    return folder
+def read_init_checkpoint(source):
+    """The checkpoint init_from names: a file, or an out_dir with an optional :step (its newest good one, or
+    nanoGPT's ckpt.pt in a nanoGPT out_dir)."""
+    if os.path.isfile(source):
+        return checkpoint.load(source)
+    out_dir, colon, step = source.rpartition(":")
+    if not (colon and step.isdigit()):
+        out_dir = source
+        step = "-1"
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"init_from={source}: not scratch, {', '.join(GPT2_HUB_NAMES)}, a Hugging Face GPT-2 "
+                          f"folder, or a checkpoint file or out_dir")
+    state = checkpoint.find(out_dir, int(step), warn=print)[1]
+    nanogpt = os.path.join(out_dir, checkpoint.NANOGPT_NAME)
+    if state is None and os.path.isfile(nanogpt):
+        state = checkpoint.load(nanogpt)
+    if state is None:
+        raise ConfigError(f"init_from={source}: no checkpoint in {out_dir}")
+    return state
 
 
-def clean_leftovers(out_dir):
-    """Delete what a crash left: half-written checkpoints and metrics files, a rewind's folder it never filled. A
-    folder holding a complete metrics.jsonl stays, even one a rewind killed before its moves (its lines are then
-    copies: losing nothing matters more)."""
-    checkpoint.remove_temporaries(out_dir)
-    for folder in [out_dir] + [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("abandoned-")]:
-        if os.path.exists(metrics_path(folder) + ".tmp"):
-            os.remove(metrics_path(folder) + ".tmp")
-        if folder != out_dir and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
+def load_weights(model, weights, source):
+    """Load `weights` into model, first checking that they fit it: names and shapes. Weights that do not fit (a
+    fork changed the model since) are one line that names the difference and the ways on. source: "resume" or
+    init_from's description."""
+    misfit = checkpoint.misfit(model.state_dict(), weights)
+    if misfit is None:
+        model.load_state_dict(weights)
+        return
+    if source == "resume":
+        raise checkpoint.CheckpointError(f"the checkpoint's weights do not fit this code's model ({misfit}): "
+                                         f"{NEW_RUN}")
+    raise ConfigError(f"init_from={source}: its weights do not fit this code's model ({misfit})")
 
 
-def open_out_dir(cfg, step, locked, loop, cleanup, log):
-    """Rank 0, once every check has passed: start wandb when it is on (it may fail: before anything on disk
-    changes; loop["wandb_run_id"] becomes its run's), lock a new out_dir, clean what a crash left, rewind to
-    `step`. Returns the run's Metrics and the Guard that every later write checks first."""
-    out_dir = cfg["out_dir"]
-    rewinding = any(s > step for s in checkpoint.list_steps(out_dir))
-    wandb_run = start_wandb(cfg, loop["wandb_run_id"], rewinding, log) if cfg["wandb_log"] else None
-    if wandb_run is not None:
-        cleanup.callback(wandb_run.finish)
-        loop["wandb_run_id"] = wandb_run.id
-    try:
-        if locked is None:  # a new out_dir: lock it, and make sure no other run got there first
-            os.makedirs(out_dir, exist_ok=True)
-            locked = cleanup.enter_context(lock(out_dir))
-            if checkpoint.list_steps(out_dir):
-                raise checkpoint.CheckpointError(f"out_dir {out_dir} got checkpoints from another run meanwhile")
-        clean_leftovers(out_dir)
-        abandoned = rewind(out_dir, step)
-        metrics_file = cleanup.enter_context(open(metrics_path(out_dir), "a"))
-    except OSError as e:
-        raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
-    if abandoned:
-        log(f"rewinding to step {step}: moved the newer checkpoints into {abandoned}")
-    guard = Guard(out_dir, locked)
-    return Metrics(metrics_file, wandb_run, guard), guard
-
-
-def finished(cfg, step):
-    """The last line of a run that reached max_iters: what it did, and what to do next."""
-    out = cfg["out_dir"]
-    return (f"done: trained to step {step} (max_iters); next: python sample.py --out_dir={out}, python plot.py "
-            f"{out}, or train on with --max_iters=<more> (lr_decay_iters too, for the schedule to stretch)")
-
-
-class StopSignals:
-    """SIGTERM, SIGUSR1 (what schedulers send before taking the machine) and Ctrl-C ask the loop to save its step and
-    end. A second Ctrl-C a second later (torchrun passes each one on to workers the terminal sent it to) stops at once,
-    exit 130, cancelling the final save (a stop's or max_iters'), unless that is on disk: then the run ends as a stop
-    that saved, exit 0. Under DDP the ranks vote to stop after the same step. Leaving restores the handlers it
-    replaced, or in a script (run_main's ScriptSignals) ignores the signals: the exit code is decided then."""
-
-    def __init__(self, ddp, cfg):  # cfg's out_dir and max_iters are read at the end
-        self.ddp, self.cfg, self.received, self.final, self.ending, self.noted = ddp, cfg, [], None, False, False
-        rewinds, self.speak = cfg["from_checkpoint_step"] != -1, is_rank_0()
-        self.rerun = "it without --from_checkpoint_step, which would rewind again," if rewinds else "the same command"
-        self.interrupted = (f"interrupted: stopped at once, without saving the current step; "
-                            f"rerun {self.rerun} to resume")
-        self.flag, self.pending = torch.zeros(1, dtype=torch.int32), None
-
-    def saved(self):  # the final checkpoint under its final name: complete
-        return self.final is not None and os.path.exists(checkpoint.path_for(self.cfg["out_dir"], self.final))
-
-    def on_signal(self, signum, frame):
-        now = time.monotonic()
-        again = signum == signal.SIGINT and any(s == signum and now - t > 1.0 for s, t in self.received)
-        self.received.append((signum, now))
-        if again and not self.ending:  # leaving, the outcome is decided whatever it is
-            if not self.saved():
-                raise KeyboardInterrupt(self.interrupted)
-            if self.speak and not self.noted:  # os.write: a print could land inside one of the loop's prints
-                self.noted = os.write(2, f"step {self.final} is saved: ending; a signal changes nothing\n".encode())
-
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.on_signal) for sig in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        self.ending = True
-        for sig, handler in self.previous.items():
-            signal.signal(sig, signal.SIG_IGN if isinstance(handler, ScriptSignals) else handler)
-        late = kind is KeyboardInterrupt and self.saved()  # the Saver's cancel came once the file was complete
-        if late and self.speak:
-            print(f"stopped after step {self.final}, saved before Ctrl-C could cancel it; rerun {self.rerun} to resume")
-        return late  # True suppresses the KeyboardInterrupt: the run ends as the stop that saved, exit 0
-
-    def vote(self):
-        """Start the ranks' vote (an all-reduce of 'has any rank been signalled?'); it runs while the step computes."""
-        if self.ddp:
-            self.flag.fill_(1 if self.received else 0)
-            self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
-
-    def agreed(self, step):
-        """Whether to stop after `step`, the step just done: the vote's outcome, the same on every rank."""
-        if self.ddp:
-            self.pending.wait()
-        stop = bool(self.flag.item()) if self.ddp else bool(self.received)
-        if stop or step >= self.cfg["max_iters"]:  # the last step: what remains is its save
-            self.final = step
-        return stop
+def load_optimizer(model, optimizer, scaler, state):
+    """A resume's optimizer state (and float16's loss scale) into the fresh optimizer, once the model is built
+    (and sharded). An optimizer of another kind than the checkpoint's (a fork changed it since) is one line that
+    names both, and the ways on; nothing is loaded."""
+    saved = state["optimizer"]
+    step = state["step"]
+    if "shards" in state:  # a folder: its weights are read below, with the optimizer's state
+        misfit = checkpoint.misfit(model.state_dict(), sharded.saved_weights(state["shards"]))
+        if misfit is not None:
+            raise checkpoint.CheckpointError(f"checkpoint step {step}'s weights do not fit this code's model "
+                                             f"({misfit}): {NEW_RUN}")
+    # checkpoints written before the optimizer's class was recorded are AdamW's, the one this trainer had
+    saved_kind = state.get("optimizer_class", "AdamW")
+    kind = type(optimizer).__name__
+    for group, name in zip(saved["param_groups"], ("decay", "no_decay")):  # groups got names later
+        group.setdefault("name", name)
+    if saved_kind != kind:
+        problem = f"it was written by {saved_kind}, this code makes {kind}"
+    else:
+        problem = checkpoint.groups_misfit(optimizer.param_groups, saved["param_groups"])
+    if problem is not None:
+        raise checkpoint.CheckpointError(f"checkpoint step {step}'s optimizer state does not fit this code's "
+                                         f"optimizer ({problem}): {NEW_RUN}, or init_from=<the checkpoint> for "
+                                         f"its weights alone, with a fresh optimizer")
+    if "shards" in state:  # a folder: each rank reads its shards of every tensor
+        sharded.load_shards(model, optimizer, state["shards"], saved["param_groups"])
+    elif sharded.is_sharded(model):  # a file's whole state: each rank keeps its shard of every tensor
+        sharded.load_whole_optimizer(optimizer, saved)
+    else:
+        optimizer.load_state_dict(saved)
+    if scaler.is_enabled() and state.get("scaler"):  # a switch to float16 starts a new scale
+        scaler.load_state_dict(state["scaler"])

@@ -19,7 +19,8 @@ import sys
 import torch
 
 import checkpoint
-from configurator import ConfigError, check_ranges, parse, run_main
+from configurator import ConfigError, check_ranges, parse
+from stops import run_main
 from device import check_device, setup_runtime
 from hf_gpt2 import GPT2_HUB_NAMES, PretrainedError, load_hf_gpt2, load_hf_vocab
 from model import GPT, GPTConfig

@@ -51,7 +51,7 @@ def snapshot(state, buffers=None):
 
 def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None, guard=lambda: None):
     """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background. guard()
-    runs before each, to refuse a folder that is no longer this run's (outdir.Guard)."""
+    runs before each, to refuse a folder that is no longer this run's (folder.Guard)."""
     guard()
     written = []
     try:
@@ -98,28 +98,41 @@ def publish_folder(out_dir, step, written, info, keep_last, keep_every, protect,
 
 class Saver:
     """Writes a run's checkpoints on its own thread, one at a time: save() waits only for the snapshot. A failed
-    save raises at the next save(), poll() or finish()."""
+    save raises at the next save(), poll() or finish(). cfg gives out_dir, retention (keep_last_checkpoints,
+    keep_every) and async_checkpoint (False: save() returns once the checkpoint is on disk)."""
 
-    def __init__(self, out_dir, keep_last, keep_every, wait, guard=None, log=print, sharded=False, master=True):
-        self.out_dir, self.keep_last, self.keep_every, self.wait, self.log = out_dir, keep_last, keep_every, wait, log
-        self.guard, self.master = guard or (lambda: None), master
+    def __init__(self, cfg, guard, log=print, sharded=False, master=True):
+        self.out_dir = cfg["out_dir"]
+        self.keep_last = cfg["keep_last_checkpoints"]
+        self.keep_every = cfg["keep_every"]
+        self.wait = not cfg["async_checkpoint"]
+        self.guard = guard  # outdir's check, before each write, that out_dir is still this run's
+        self.log = log
+        self.master = master  # rank 0: it publishes, and says what was saved
         # DCP's collectives run on its own thread: a gloo group of their own keeps them apart from training's
         self.group = dist.new_group(backend="gloo") if sharded else None
-        self.thread, self.cancel, self.in_flight, self.buffers = ThreadPoolExecutor(max_workers=1), Event(), None, {}
+        self.thread = ThreadPoolExecutor(max_workers=1)
+        self.cancel = Event()  # set by a second Ctrl-C: the save in flight is given up
+        self.in_flight = None  # the future of the save being written
+        self.buffers = {}  # host copies, kept from one save to the next
 
     def save(self, state, protect):
-        """Checkpoint state["step"], never pruning the steps in `protect`; with wait=True, return once it is on disk."""
+        """Checkpoint state["step"], never pruning the steps in `protect`."""
         self.finish()
+        step = state["step"]
         if self.group is None:
             host = snapshot(state, self.buffers)
-            self.in_flight = self.thread.submit(publish, self.out_dir, state["step"], host, self.keep_last,
+            self.in_flight = self.thread.submit(publish, self.out_dir, step, host, self.keep_last,
                                                 self.keep_every, protect, self.cancel, self.guard)
-        else:  # DCP's own thread writes the shards
-            tmp = checkpoint.path_for(self.out_dir, state["step"], folder=True) + checkpoint.TMP_SUFFIX
+        else:  # every rank: DCP's own thread writes this rank's shards
+            tmp = checkpoint.path_for(self.out_dir, step, folder=True) + checkpoint.TMP_SUFFIX
             written = dcp.async_save(sharded.tensors_of(state), checkpoint_id=tmp, process_group=self.group)
-            self.in_flight = self.thread.submit(publish_folder, self.out_dir, state["step"], written,
-                                                sharded.run_info(state), self.keep_last, self.keep_every, protect,
-                                                self.cancel, self.guard) if self.master else written
+            if self.master:  # then rank 0 completes the folder
+                self.in_flight = self.thread.submit(publish_folder, self.out_dir, step, written,
+                                                    sharded.run_info(state), self.keep_last, self.keep_every,
+                                                    protect, self.cancel, self.guard)
+            else:
+                self.in_flight = written
         if self.wait:
             self.finish()
 
@@ -130,14 +143,20 @@ class Saver:
 
     def finish(self):
         """Wait for the save in flight, if any, and say what it did."""
-        if self.in_flight is not None:
-            future, self.in_flight = self.in_flight, None
-            if not self.master:  # the shards this rank wrote: rank 0 says what was saved
-                return future.result()
-            path, pruned = future.result()
-            self.log(f"saved {path}" + (f"; retention deleted step{'s' * (len(pruned) > 1)} "
-                                        f"{', '.join(map(str, pruned))} (keep_last_checkpoints={self.keep_last})"
-                                        if pruned else ""))
+        if self.in_flight is None:
+            return
+        future = self.in_flight
+        self.in_flight = None
+        if not self.master:  # the shards this rank wrote: rank 0 says what was saved
+            future.result()
+            return
+        path, pruned = future.result()
+        line = f"saved {path}"
+        if pruned:
+            steps = "steps" if len(pruned) > 1 else "step"
+            line += (f"; retention deleted {steps} {', '.join(map(str, pruned))} "
+                     f"(keep_last_checkpoints={self.keep_last})")
+        self.log(line)
 
     def __enter__(self):
         return self
@@ -147,7 +166,7 @@ class Saver:
             if kind is KeyboardInterrupt:
                 self.cancel.set()
             self.thread.shutdown()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C while waiting for the save: give it up
             self.cancel.set()
             self.thread.shutdown()
             raise

@@ -10,8 +10,6 @@ DCP file. checkpoint.py names, publishes (a folder with a final name is complete
 A folder reads back on any number of ranks, each taking its part of every tensor in place (load_shards), or whole
 on one process, as the very dict a file checkpoint holds (read_whole). DCP's .metadata is a pickle: it is read by
 an unpickler that admits DCP's own record classes only, so a folder is as safe to open as torch.load(weights_only).
-grad_norm is here too: the gradient's norm, summed in an order that no layout changes, so that a run resumed on
-other ranks or sharded otherwise computes the very same steps.
 """
 import os
 import pickle
@@ -19,7 +17,6 @@ import warnings
 import zlib
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -151,13 +148,18 @@ def _params(optimizer):
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def load(model, optimizer, state):
-    """A checkpoint into a sharded model (a file's weights were loaded before sharding) and its fresh optimizer,
-    every rank together: each takes its shard of every tensor, whatever number of ranks or layout wrote it."""
-    if "shards" in state:
-        load_shards(model, optimizer, state["shards"], state["optimizer"]["param_groups"])
-    else:
-        load_whole_optimizer(optimizer, state["optimizer"])
+def is_sharded(model):
+    """Whether model's parameters are FSDP2's DTensors, each rank holding its shard."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def saved_weights(folder):
+    """{name: shape} of the model's tensors in a folder, read from its .metadata alone."""
+    shapes = {}
+    for key, (shape, _) in saved_tensors(folder).items():
+        if key.startswith("model/"):
+            shapes[key.removeprefix("model/")] = shape
+    return shapes
 
 
 def load_shards(model, optimizer, folder, param_groups):
@@ -180,39 +182,3 @@ def load_whole_optimizer(optimizer, whole):
                  if isinstance(params[i], DTensor) and t.shape == params[i].shape else t
                  for key, t in per_param.items()} for i, per_param in whole["state"].items()}
     optimizer.load_state_dict({"state": state, "param_groups": whole["param_groups"]})
-
-
-def grad_norm(params):
-    """The L2 norm of all gradients, the same to the last bit in every layout: each row's sum of squares is taken
-    where the row lies whole (FSDP2 shards along rows), then all rows' sums are added in sorted order, which
-    depends on their values alone, never on which rank held which. Unsharded, it is the same computation."""
-    rows, mesh = [], None
-    for p in params:
-        grad = p.grad
-        if isinstance(grad, DTensor):
-            grad, mesh = grad.to_local(), grad.device_mesh
-        squares = grad.detach().float().square()
-        rows.append(squares.flatten(1).sum(1) if squares.dim() > 1 else squares.reshape(-1))
-    rows = torch.cat(rows)
-    if mesh is not None:  # every rank's rows, their count first (exact in float32 below 2**24 rows a rank)
-        group = mesh.get_group()
-        mine = torch.cat([torch.tensor([len(rows)], dtype=rows.dtype, device=rows.device), rows])
-        longest = torch.tensor([len(mine)], device=rows.device)
-        dist.all_reduce(longest, dist.ReduceOp.MAX, group=group)
-        padded = torch.nn.functional.pad(mine, (0, int(longest) - len(mine)))
-        everyone = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(everyone, padded, group=group)
-        rows = torch.cat([r[1:1 + int(r[0])] for r in everyone])
-    return rows.sort().values.sum().sqrt()
-
-
-def clip_grad_norm(params, max_norm):
-    """torch.nn.utils.clip_grad_norm_ with grad_norm's layout-independent norm: scale the gradients so that their
-    norm is at most max_norm."""
-    params = [p for p in params if p.grad is not None]
-    norm = grad_norm(params)
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for p in params:
-        (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(scale)
-    return norm
-

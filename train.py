@@ -5,13 +5,17 @@ Train a GPT on one process or many. With no flags it trains a small character-le
     python train.py config/train_shakespeare_char.py --from_checkpoint_step=2000
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
-The file to fork: config, LR schedule, model and optimizer set-up, the loop. A resumed run computes
-what an unbroken one would; what keeps that promise is in dataset.py, outdir.py, checkpoint.py.
+This is the file to fork: the config, the learning-rate schedule, the model and optimizer set-up, and the
+training loop, top to bottom. A resumed run computes exactly what an unbroken one would. What keeps that promise
+is outside this file, in three places a fork rarely touches: dataset.py (every batch and dropout mask is a pure
+function of the seed and the step), outdir.py (the run's checkpoints and its life in out_dir: start or resume,
+log, save, stop, finish), and model.py's clip_grad_norm (the same gradient norm in every layout).
+A change here (a schedule, an optimizer, the model) keeps every promise; a checkpoint the changed code cannot
+load is refused in one line that says what differs.
 """
 import math
 import os
 import time
-from contextlib import ExitStack
 
 import torch
 import torch.distributed as dist
@@ -20,13 +24,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import outdir
 import sharded
-from configurator import ConfigError, check_ranges, parse, run_main
-from dataset import (EVAL_STREAM, TRAIN_STREAM, batch_starts, get_batch, load_dataset, micro_seed,
-                     model_vocab_size)
-from device import check_device, join_job, peak_flops, setup_runtime
-from logs import Metrics, Pace
-from model import GPT, GPTConfig
-from saver import Saver
+from configurator import ConfigError, check_ranges, parse
+from dataset import EVAL_STREAM, TRAIN_STREAM, batch_starts, get_batch, load_dataset, micro_seed, model_vocab_size
+from device import check_device, peak_flops, setup_runtime
+from model import GPT, SHAPE_KEYS, GPTConfig, clip_grad_norm
+from stops import run_main
 
 CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this table
     # ---- the run: where it lives, where it starts ----
@@ -80,95 +82,99 @@ CONFIG = [  # (key, default, what it sets); `python train.py --help` prints this
     ("fsdp", False, "under torchrun, shard weights, gradients and AdamW state over the ranks"),
     ("seed", 1337, "seeds the initial weights, the batches and dropout"),
 ]
-# A run's state besides model and optimizer, saved and restored (an older checkpoint's missing key
-# resumes its default); origin names the weights step 0 started from
-LOOP_STATE = {"best_val_loss": float("inf"), "tokens_seen": 0, "best_checkpoint": None,
-              "origin": "scratch", "wandb_run_id": None}
+# The loop's own state besides the model and optimizer, saved in every checkpoint and restored at a resume (a key
+# an older checkpoint lacks resumes at its default). There is no RNG state: the seed and the step determine every
+# batch and every dropout mask.
+LOOP_STATE = {
+    "best_val_loss": float("inf"),  # the lowest val loss evaluated so far
+    "tokens_seen": 0,  # tokens trained on, all ranks together
+}
 
 
 def check_config(cfg, world_size, local_rank):
     """Reject bad values and combinations before anything is started or written."""
-    check_ranges(cfg, positive=("batch_size", "block_size", "gradient_accumulation_steps",
-                                "n_layer", "n_head", "n_embd", "max_iters", "eval_iters",
-                                "eval_interval", "log_interval", "checkpoint_interval"),
-                 not_negative=("learning_rate", "min_lr", "weight_decay", "grad_clip",
-                               "warmup_iters", "lr_decay_iters", "keep_last_checkpoints",
-                               "keep_every"), below_one=("dropout", "beta1", "beta2"))
+    check_ranges(cfg,
+                 positive=("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+                           "max_iters", "eval_iters", "eval_interval", "log_interval", "checkpoint_interval"),
+                 not_negative=("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters",
+                               "lr_decay_iters", "keep_last_checkpoints", "keep_every"),
+                 below_one=("dropout", "beta1", "beta2"))
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
     if cfg["warmup_iters"] > cfg["lr_decay_iters"]:
-        raise ConfigError(f"warmup_iters={cfg['warmup_iters']} must not exceed "
-                          f"lr_decay_iters={cfg['lr_decay_iters']}")
+        raise ConfigError(f"warmup_iters={cfg['warmup_iters']} must not exceed lr_decay_iters={cfg['lr_decay_iters']}")
     if not 0 <= cfg["seed"] < 2 ** 63:  # numpy's and torch's generators both take it
         raise ConfigError(f"seed must be in [0, 2**63), got {cfg['seed']}")
     if cfg["gradient_accumulation_steps"] % world_size:
-        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must "
-                          f"be divisible by the number of ranks, {world_size}: pass a multiple")
-    if not (cfg["vocab_size"] is None or type(cfg["vocab_size"]) is int and cfg["vocab_size"] > 0):
-        raise ConfigError(f"vocab_size must be None or a positive int, got {cfg['vocab_size']!r}")
-    if not (cfg["compile"] is None or isinstance(cfg["compile"], bool)):
+        raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible by "
+                          f"the number of ranks, {world_size}: pass a multiple")
+    vocab_size = cfg["vocab_size"]
+    if not (vocab_size is None or type(vocab_size) is int and vocab_size > 0):
+        raise ConfigError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+    if cfg["compile"] not in (None, True, False):
         raise ConfigError(f"compile must be None, True or False, got {cfg['compile']!r}")
     check_device(cfg["device"], cfg["dtype"], local_rank)
 
 
 def get_lr(step, cfg):
-    """Learning rate of the update from `step` to step+1: linear warmup, cosine decay to min_lr."""
+    """The learning rate of the update from `step` to step+1: linear warmup, then cosine decay to min_lr."""
     if not cfg["decay_lr"]:
         return cfg["learning_rate"]
+    # 1) linear warmup for warmup_iters steps
     if step < cfg["warmup_iters"]:
         return cfg["learning_rate"] * (step + 1) / (cfg["warmup_iters"] + 1)
+    # 2) past lr_decay_iters, min_lr
     if step >= cfg["lr_decay_iters"]:
         return cfg["min_lr"]
-    ratio = (step - cfg["warmup_iters"]) / (cfg["lr_decay_iters"] - cfg["warmup_iters"])
-    lr, min_lr = cfg["learning_rate"], cfg["min_lr"]
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+    # 3) in between, cosine decay from learning_rate down to min_lr
+    decay_ratio = (step - cfg["warmup_iters"]) / (cfg["lr_decay_iters"] - cfg["warmup_iters"])
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 down to 0
+    return cfg["min_lr"] + coeff * (cfg["learning_rate"] - cfg["min_lr"])
 
 
 def set_hyperparameters(optimizer, cfg, lr):
-    """Each group's lr, betas, weight decay, by its name, each step (a resume loads old ones)."""
+    """Every step, set each optimizer group's hyperparameters from the config, by the group's name: a resume
+    loads the groups as they were saved, so a changed --beta2 or --weight_decay acts from the first step resumed.
+    Only what a group holds is set: another optimizer's groups (SGD's have no betas) get only their own keys."""
     for group in optimizer.param_groups:
-        decay = cfg["weight_decay"] if group["name"] == "decay" else 0.0
-        group.update(lr=lr, betas=(cfg["beta1"], cfg["beta2"]), weight_decay=decay)
+        group["lr"] = lr
+        if "betas" in group:
+            group["betas"] = (cfg["beta1"], cfg["beta2"])
+        if "weight_decay" in group:
+            # matrices and embeddings decay; biases and LayerNorm gains do not (model.configure_optimizers)
+            group["weight_decay"] = cfg["weight_decay"] if group["name"] == "decay" else 0.0
 
 
-def build_model(cfg, model_args, device, dtype, init, state, shard_group):
-    """The model, AdamW and float16's loss scaler: fresh from the seed, with init_from's weights,
-    or as the checkpoint left them; sharded over shard_group's ranks if any."""
+def build_model(cfg, model_args, device, dtype, weights, weights_from, shard_group):
+    """The model and its optimizer, and float16's loss scaler: fresh from the seed, then given `weights` (a
+    checkpoint's or init_from's, checked to fit) if any; sharded over shard_group's ranks if it is not None."""
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(**model_args))
-    weights = init["weights"] if init else state and state["model"]  # a folder's come in load()
     if weights:
-        model.load_state_dict(weights)
+        outdir.load_weights(model, weights, weights_from)
     model.to(device)
-    if shard_group is not None:  # FSDP2: each rank keeps 1/N of the weights, and of all made after
+    if shard_group is not None:  # FSDP2: each rank keeps 1/N of the weights, of their gradients, of AdamW's state
         sharded.shard(model, shard_group, device.type, dtype)
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                           (cfg["beta1"], cfg["beta2"]), device.type)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                           device.type)
+    # float16's small range needs the loss scaled up, and the scale moved each step; the others need nothing
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    if state is not None:
-        if shard_group is not None:  # each rank reads its shards: of the folder, or of the whole
-            sharded.load(model, optimizer, state)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        if scaler.is_enabled() and state.get("scaler"):  # a switch to float16 starts a new scale
-            scaler.load_state_dict(state["scaler"])
     return model, optimizer, scaler
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, cfg, device, autocast, sharded_ranks=False):
-    """Mean loss of each split over the same eval_iters batches each time; eval mode: no dropout."""
+def estimate_loss(model, splits, cfg, device, autocast, sharded_ranks):
+    """The mean loss of each split over the same eval_iters batches every time, in eval mode (no dropout)."""
     model.eval()
     out = {}
     for split, data in splits.items():
         losses = torch.zeros(cfg["eval_iters"])
         for k in range(cfg["eval_iters"]):
-            starts = batch_starts(cfg["seed"], EVAL_STREAM, k, cfg["batch_size"], len(data),
-                                  cfg["block_size"])
+            starts = batch_starts(cfg["seed"], EVAL_STREAM, k, cfg["batch_size"], len(data), cfg["block_size"])
             with autocast:
                 _, loss = model(*get_batch(data, starts, cfg["block_size"], device))
             losses[k] = loss.item()
-        if sharded_ranks:  # every rank computed them: rank 0's decide for all, to the last bit
+        if sharded_ranks:  # every rank computed them; rank 0's decide for all, to the last bit
             dist.broadcast(losses, src=0)
         out[split] = losses.mean().item()
     model.train()
@@ -176,172 +182,223 @@ def estimate_loss(model, splits, cfg, device, autocast, sharded_ranks=False):
 
 
 def main(argv):
-    with ExitStack() as cleanup:  # whatever ends the run, an error or Ctrl-C too, undoes its set-up
-        run(argv, cleanup)
+    cfg, given = parse(CONFIG, argv)  # given: the keys this command set, in a config file or a flag
+    # whatever ends the run, an error or Ctrl-C too, undoes its set-up on the way out
+    with outdir.Run(cfg, given) as run:
+        train(cfg, given, run)
 
 
-def run(argv, cleanup):
-    # ---- config and ranks ----
-    cfg, given = parse(CONFIG, argv)
-    ddp = "RANK" in os.environ
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    local_rank = int(os.environ["LOCAL_RANK"]) if ddp else None
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    outdir.check_out_dir(cfg)
-    # from here on a signal asks the run to stop after its first step: start-up is never cut short
-    stops = cleanup.enter_context(outdir.StopSignals(ddp, cfg))
-    if ddp:  # gloo carries control messages (CUDA gradients: NCCL, below); a store prefix per start
-        cleanup.enter_context(join_job())
+def train(cfg, given, run):
+    # ---- ranks: one process, or torchrun's (outdir.Run has joined the job) ----
+    if run.ddp:
+        rank = dist.get_rank()
+        world_size = dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])  # this rank's GPU on its machine
+    else:
+        rank = 0
+        world_size = 1
+        local_rank = None
+    master = rank == 0  # rank 0 prints, and writes out_dir
+    log = print if master else (lambda *args: None)
 
-    # ---- which step to start from: rank 0 chooses, every rank resumes it ----
-    start_step, state, locked = outdir.resolve_start(cfg, given, ddp, master, cleanup)
-    # 0: one micro-batch a rank, fixed at the start (a resume on other ranks keeps the global batch)
-    cfg["gradient_accumulation_steps"] = cfg["gradient_accumulation_steps"] or world_size
+    # ---- where the run starts: rank 0 chooses the checkpoint, every rank resumes it ----
+    resumed = run.resume()  # the checkpoint's state, its config merged into cfg; None: a fresh start
+    start_step = resumed["step"] if resumed else 0
+    # 0 means one micro-batch a rank, fixed at the start: a resume on other ranks keeps the global batch
+    if cfg["gradient_accumulation_steps"] == 0:
+        cfg["gradient_accumulation_steps"] = world_size
     check_config(cfg, world_size, local_rank)
-    init = outdir.init_weights(cfg, given) if state is None else None  # None: init_from=scratch
-    loop = {key: (state or {}).get(key, default) for key, default in LOOP_STATE.items()}
-    loop["origin"] = init["origin"] if init else loop["origin"]
+    init = run.init_weights()  # a fresh start's weights, from init_from; None: from the seed
+    loop = {}
+    for key, default in LOOP_STATE.items():
+        loop[key] = resumed.get(key, default) if resumed else default
 
     # ---- data, and the machine ----
-    meta, train_data, val_data, data_id = load_dataset(
-        cfg["dataset"], cfg["block_size"], trained_on=state and (state["step"], state.get("data")))
-    vocab_size = model_vocab_size(cfg, meta, init and init["vocab"], log)
-    device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"], cfg["deterministic"],
-                                            local_rank)
-    shards = ddp and cfg["fsdp"]  # on one process fsdp changes nothing: there is nothing to shard
+    trained_on = (resumed["step"], resumed.get("data")) if resumed else None  # a resume on other data is refused
+    meta, train_data, val_data, data_id = load_dataset(cfg["dataset"], cfg["block_size"], trained_on)
+    vocab_size = model_vocab_size(cfg, meta, init["vocab"] if init else None, log)
+    device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"], cfg["deterministic"], local_rank)
 
-    # ---- model and optimizer ----
-    model_args = {k: cfg[k] for k in outdir.SHAPE_KEYS} | {"vocab_size": vocab_size,
-                                                          "dropout": cfg["dropout"]}
-    grad_group = dist.new_group(backend="nccl") if ddp and device.type == "cuda" else None
-    raw_model, optimizer, scaler = build_model(cfg, model_args, device, dtype, init, state,
-                                               (grad_group or dist.group.WORLD) if shards else None)
-    state = init = log(outdir.start_line(cfg, given, start_step, state, init))  # frees host copies
-    use_compile = device.type == "cuda" if cfg["compile"] is None else cfg["compile"]
-    model = fast_model = torch.compile(raw_model) if use_compile else raw_model
-    if ddp and not shards:
-        model = DDP(fast_model, device_ids=[device.index] if device.type == "cuda" else None,
-                    process_group=grad_group)
+    # ---- the model and the optimizer ----
+    model_args = {key: cfg[key] for key in SHAPE_KEYS}
+    model_args["vocab_size"] = vocab_size
+    model_args["dropout"] = cfg["dropout"]
+    # CUDA's gradients go over NCCL; gloo, the default group, carries everything else (and all of it on a CPU)
+    grad_group = None
+    if run.ddp and device.type == "cuda":
+        grad_group = dist.new_group(backend="nccl")
+    shard_group = None
+    if run.sharded:
+        shard_group = grad_group or dist.group.WORLD
+    weights = None
+    weights_from = None
+    if init:
+        weights = init["weights"]
+        weights_from = cfg["init_from"]
+    elif resumed:
+        weights = resumed["model"]  # empty for a sharded folder: load_optimizer reads its shards
+        weights_from = "resume"
+    raw_model, optimizer, scaler = build_model(cfg, model_args, device, dtype, weights, weights_from, shard_group)
+    if resumed:
+        outdir.load_optimizer(raw_model, optimizer, scaler, resumed)
+    log(run.start_line(get_lr))
+    # the host copies of the checkpoint are loaded into the model now: let them go
+    del resumed, init, weights
+    use_compile = cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
+    model = raw_model  # what computes: compiled, perhaps; raw_model is what a checkpoint saves, with clean names
+    if use_compile:
+        model = torch.compile(raw_model)
+    train_model = model  # what trains: under DDP, wrapped so that the ranks average their gradients
+    if run.ddp and not run.sharded:
+        device_ids = [device.index] if device.type == "cuda" else None
+        train_model = DDP(model, device_ids=device_ids, process_group=grad_group)
     splits = {"train": train_data, "val": val_data}
+
     if cfg["eval_only"]:
-        losses = estimate_loss(fast_model, splits, cfg, device, autocast, shards)
-        return log(f"step {start_step}: train loss {losses['train']:.4f}, val loss "
-                   f"{losses['val']:.4f} (eval_only: nothing written)")
+        losses = estimate_loss(model, splits, cfg, device, autocast, run.sharded)
+        log(f"step {start_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+            f"(eval_only: nothing written)")
+        return
     if start_step >= cfg["max_iters"]:
-        return log(f"nothing to train: step {start_step} has reached max_iters={cfg['max_iters']}; "
-                   f"raise --max_iters to train further")
-    differs = [f"{k}={cfg[k]!r}" + " (nanoGPT's key: changes nothing here)" * (k == "backend")
-               for k, default, _ in CONFIG if cfg[k] != default]
-    log(f"config beyond defaults: {', '.join(differs) or 'none'} (device {device}, dtype {dtype})"
-        + ("; autocast on a CPU: often slower" * (device.type == "cpu" and dtype != "float32")))
+        log(f"nothing to train: step {start_step} has reached max_iters={cfg['max_iters']}; raise --max_iters to "
+            f"train further")
+        return
+    log(config_line(cfg, given, world_size, meta["vocab_size"], device, dtype))
 
     # ---- every check has passed: only now is anything written ----
-    metrics, guard = (outdir.open_out_dir(cfg, start_step, locked, loop, cleanup, log) if master
-                      else (Metrics(), None))  # rank 0 alone writes metrics.jsonl, wandb, ckpts
-    # whatever ends the run waits for the save in flight (entered last, so it is left first)
-    saves = cleanup.enter_context(Saver(cfg["out_dir"], cfg["keep_last_checkpoints"],
-                                        cfg["keep_every"], not cfg["async_checkpoint"], guard, log,
-                                        shards, master))
+    cfg["vocab_size"] = vocab_size  # resolved, as a checkpoint's config should say: scripts read it there
+    run.open()
 
-    # ---- the loop ----
-    B, T, accum = cfg["batch_size"], cfg["block_size"], cfg["gradient_accumulation_steps"]
-    local_accum = accum // world_size  # this rank's micro-steps: the ranks split the global batch
+    # ---- the training loop ----
+    B = cfg["batch_size"]
+    T = cfg["block_size"]
+    accum = cfg["gradient_accumulation_steps"]  # micro-batches per step, all ranks together
+    local_accum = accum // world_size  # this rank's: the ranks split the global batch between them
     tokens_per_step = accum * B * T
-    peak = peak_flops(device)  # the GPU's FLOP/s for MFU; None on a CPU: MFU n/a
+    peak = peak_flops(device)  # the GPU's peak FLOP/s, for MFU; None on a CPU
 
-    def batch(step, micro):  # this rank's micro-batch `micro` of the global batch of `step`
+    def batch(step, micro):
+        """This rank's micro-batch `micro` of the global batch of `step`: the same on any number of ranks."""
         starts = batch_starts(cfg["seed"], TRAIN_STREAM, step, accum * B, len(train_data), T)
         first = (rank * local_accum + micro) * B
         return get_batch(train_data, starts[first:first + B], T, device)
 
+    compiling = "; compiling the model first (a minute for GPT-2 124M on a GPU)" if use_compile else ""
+    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step ({accum} x {B} x "
+        f"{T}, {world_size} rank{'s' if world_size > 1 else ''}); training to step {cfg['max_iters']}{compiling}")
     step = start_step
-    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step "
-        f"({accum} x {B} x {T}, {world_size} rank{'s' if world_size > 1 else ''}); "
-        f"training to step {cfg['max_iters']}"
-        + ("; compiling the model first (a minute for GPT-2 124M on a GPU)" if use_compile else ""))
-    metrics.record(step, event="resume" if start_step else "start")
-    x, y = batch(step, 0)
-    t0, steps_timed, pace = time.perf_counter(), 0, Pace(cfg, local_accum, log)  # ms/step: training
+    x, y = batch(step, 0)  # the first micro-batch; each next one is fetched while the GPU computes this one
+    t0 = time.perf_counter()
+    steps_timed = 0  # steps since t0: ms/step measures training alone, never an evaluation or a save
     while step < cfg["max_iters"]:
-        stops.vote()  # the ranks vote on stopping while this step computes; read after the step
+        # the learning rate of this step, in every optimizer group
         lr = get_lr(step, cfg)
         set_hyperparameters(optimizer, cfg, lr)
+
+        # forward and backward over this rank's micro-batches, the gradients adding up
         for micro in range(local_accum):
-            if shards:  # reduce the gradients once, on the last micro-step: as DDP does
-                raw_model.set_requires_gradient_sync(micro == local_accum - 1)
-            elif ddp:
-                model.require_backward_grad_sync = micro == local_accum - 1
-            # dropout masks depend on (seed, step, micro-step) alone: the same on any rank or resume
+            last_micro = micro == local_accum - 1
+            # the ranks average their gradients once, after the last micro-batch, not after every one
+            if run.sharded:
+                raw_model.set_requires_gradient_sync(last_micro)
+            elif run.ddp:
+                train_model.require_backward_grad_sync = last_micro
+            # dropout masks depend on (seed, step, micro-batch) alone: the same on any rank, in any resume
             torch.manual_seed(micro_seed(cfg["seed"], step, rank * local_accum + micro))
             with autocast:
-                _, loss = model(x, y)
-                loss = loss / local_accum  # DDP averages over ranks; this averages over micro-steps
+                _, loss = train_model(x, y)
+                loss = loss / local_accum  # the mean over micro-batches; DDP averages over the ranks
             # fetch the next micro-batch while the GPU works on this one
-            x, y = batch(step, micro + 1) if micro + 1 < local_accum else batch(step + 1, 0)
+            if last_micro:
+                x, y = batch(step + 1, 0)
+            else:
+                x, y = batch(step, micro + 1)
             scaler.scale(loss).backward()
         if cfg["grad_clip"] > 0.0:
-            scaler.unscale_(optimizer)
-            sharded.clip_grad_norm(raw_model.parameters(), cfg["grad_clip"])  # one norm, any layout
-        scaler.step(optimizer)
+            scaler.unscale_(optimizer)  # clip the true gradients, not float16's scaled ones
+            clip_grad_norm(raw_model.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)  # skipped when float16's gradients overflowed
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # set_to_none frees the gradients' memory until the next backward
         step += 1
         steps_timed += 1
         loop["tokens_seen"] += tokens_per_step
 
-        stop = stops.agreed(step)  # the vote begun at the top of this step: all ranks stop after it
+        # ---- after the step: should we stop, then log, evaluate, save ----
+        stop = run.should_stop(step)  # a signal on any rank: every rank stops after this same step
         last = step == cfg["max_iters"]
-        do_log = step % cfg["log_interval"] == 0 or last or stop
-        do_eval = (master or shards) and (step % cfg["eval_interval"] == 0 or last)
-        if do_log:
-            loss_now = loss.item() * local_accum  # the loop's one host-device sync: a micro-batch's
-            dt = (time.perf_counter() - t0) / steps_timed
-            mfu = peak and raw_model.estimate_mfu(tokens_per_step / dt, peak * world_size)
-            log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
-                f"{tokens_per_step / dt:,.0f} tokens/s{f', mfu {mfu:.1%}' if mfu else ''}, "
-                f"{pace.left(step, dt)} to go")  # the evaluations and saves still due counted
-            metrics.record(step, loss=loss_now, lr=lr, ms_per_step=dt * 1000,
-                           tokens_per_s=tokens_per_step / dt, tokens=loop["tokens_seen"], mfu=mfu)
-        losses, improved = {}, False
-        if do_eval:
-            losses = pace.time("eval", step, estimate_loss, fast_model, splits, cfg, device,
-                               autocast, shards)  # said first when it will take long
+        evaluates = (master or run.sharded) and (step % cfg["eval_interval"] == 0 or last)
+        timed = step % cfg["log_interval"] == 0 or last  # a full interval of steps to measure
+        if timed or stop:
+            loss_now = loss.item() * local_accum  # the loop's one host-device sync: the last micro-batch's loss
+            if timed:
+                dt = (time.perf_counter() - t0) / steps_timed  # seconds a step
+                mfu = raw_model.estimate_mfu(tokens_per_step / dt, peak * world_size) if peak else None
+                mfu_text = f", mfu {mfu:.1%}" if mfu else ""
+                log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/step, "
+                    f"{tokens_per_step / dt:,.0f} tokens/s{mfu_text}, {run.time_left(step, dt)} to go")
+                run.log(step, loss=loss_now, lr=lr, ms_per_step=dt * 1000, tokens_per_s=tokens_per_step / dt,
+                        tokens=loop["tokens_seen"], mfu=mfu)
+            else:  # stopping part-way through an interval, whose pace would mislead
+                log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}")
+                run.log(step, loss=loss_now, lr=lr, tokens=loop["tokens_seen"])
+        losses = {}
+        improved = False
+        if evaluates:
+            with run.timed("eval", step):  # said first when it will take long
+                losses = estimate_loss(model, splits, cfg, device, autocast, run.sharded)
             improved = losses["val"] < loop["best_val_loss"]
             loop["best_val_loss"] = min(loop["best_val_loss"], losses["val"])
             log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            metrics.record(step, train_loss=losses["train"], val_loss=losses["val"])
-        # nanoGPT's always_save_checkpoint=False: also save where the val loss is the best yet
-        do_save = (master or shards) and (step % cfg["checkpoint_interval"] == 0 or last or stop
-                              or (improved and not cfg["always_save_checkpoint"]))
-        saves.poll()  # a save that ended says so; one that failed stops the run here
-        if do_save:
-            best = loop["best_checkpoint"]
-            if losses and (best is None or losses["val"] < best[0]):
-                loop["best_checkpoint"] = best = [losses["val"], step]
-            pace.time("save", step, saves.save, {
-                "model": raw_model.state_dict(),  # clean names: no DDP module., compile _orig_mod.
+            run.log(step, train_loss=losses["train"], val_loss=losses["val"])
+        # nanoGPT's always_save_checkpoint=False: save where the val loss is the best yet, besides the interval
+        saves = (master or run.sharded) and (step % cfg["checkpoint_interval"] == 0 or last or stop
+                                             or (improved and not cfg["always_save_checkpoint"]))
+        if saves:
+            run.save({
+                "model": raw_model.state_dict(),  # clean names: no DDP module., no compile _orig_mod.
                 "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "step": step,
-                "config": cfg,  # as given: a resume on another machine resolves device, dtype anew
+                "optimizer_class": type(optimizer).__name__,  # a resume by code with another optimizer says so
+                "scaler": scaler.state_dict(),
+                "step": step,
+                "config": cfg,  # as given: a resume on another machine resolves device and dtype anew
                 "model_args": model_args,
-                "meta": meta,  # the vocabulary, so sample.py needs nothing but the checkpoint
-                "data": data_id,  # a resume on other data is refused
-                "train_loss": losses.get("train"), "val_loss": losses.get("val"),
+                "meta": meta,  # the vocabulary, so that sample.py needs nothing but the checkpoint
+                "data": data_id,  # the dataset's fingerprint: a resume on other data is refused
+                "train_loss": losses.get("train"),
+                "val_loss": losses.get("val"),
                 "written_at": time.time(),
-                **loop,  # no RNG state: the seed and the step determine every batch and mask
-            }, protect=[start_step] + ([best[1]] if cfg["keep_best"] and best else []))
-        if do_log or do_eval or do_save:
-            t0, steps_timed = time.perf_counter(), 0
+                **loop,
+            })
+        if timed or evaluates or saves:
+            t0 = time.perf_counter()
+            steps_timed = 0
         if stop:
-            log(f"stopped by a signal after step {step}; rerun {stops.rerun} to resume")
             break
-    saves.finish()  # the last checkpoint is on disk before the process exits
-    if step == cfg["max_iters"]:
-        log(outdir.finished(cfg, step))
-    if ddp:  # the ranks leave together, and DDP lets go of the group before it is destroyed: a
-        dist.barrier()  # rank tearing gloo down while rank 0 still saved was once seen to abort
-        del model
+    run.finish(step)
+
+
+def config_line(cfg, given, world_size, data_vocab_size, device, dtype):
+    """The keys whose value is not their default, and where the run computes. A default that means 'work it
+    out' (0 micro-batches: one a rank; vocab_size None: the dataset's) is no change when worked out."""
+    defaults = {key: default for key, default, _ in CONFIG}
+    worked_out = {"gradient_accumulation_steps": world_size, "vocab_size": data_vocab_size}
+    changed = []
+    for key in defaults:
+        if cfg[key] == defaults[key]:
+            continue
+        if key not in given and worked_out.get(key) == cfg[key]:
+            continue
+        if key == "backend":
+            changed.append(f"{key}={cfg[key]!r} (nanoGPT's key: changes nothing here)")
+        elif key == "fsdp" and world_size == 1:
+            changed.append(f"{key}={cfg[key]!r} (one process: nothing to shard, it trains unsharded)")
+        else:
+            changed.append(f"{key}={cfg[key]!r}")
+    line = f"config beyond defaults: {', '.join(changed) or 'none'} (device {device}, dtype {dtype})"
+    if device.type == "cpu" and dtype != "float32":
+        line += "; autocast on a CPU: often slower"
+    return line
 
 
 if __name__ == "__main__":
