@@ -296,27 +296,29 @@ def changed_keys(cfg, given, old, step, get_lr):
         if old[key] == cfg[key]:
             continue
         change = f"{key}: {old[key]!r} -> {cfg[key]!r}"
-        if same_schedule(get_lr, cfg, old | {key: cfg[key]}, old, step):
+        if moves_no_rate(get_lr, cfg, key, old[key], step):
             change += " (no effect: the learning rate of every step left is the same)"
         changes.append(change)
     return changes
 
 
-def same_schedule(get_lr, cfg, new, old, step):
-    """Whether a key of get_lr's changes nothing it returns for the steps from `step` to max_iters. A key that
-    get_lr does not read is none of its business: False, so that nothing is said about it."""
+def moves_no_rate(get_lr, cfg, key, old_value, step):
+    """Whether get_lr, with the rest of the config as it is now, gives every step from `step` to max_iters the
+    same rate with key's old value as with its new one. A key get_lr reads at no step of the run is none of its
+    business: False, so that nothing is said of it."""
     reads = set()
 
     class Reading(dict):  # the config, noting each key get_lr reads
-        def __getitem__(self, key):
-            reads.add(key)
-            return dict.__getitem__(self, key)
+        def __getitem__(self, name):
+            reads.add(name)
+            return dict.__getitem__(self, name)
 
-    steps = range(step, cfg["max_iters"])
-    before = [get_lr(s, Reading(cfg | old)) for s in steps]
-    after = [get_lr(s, Reading(cfg | new)) for s in steps]
-    changed = {key for key in new if new[key] != old.get(key)}
-    return bool(changed & reads) and before == after
+    for s in range(cfg["max_iters"]):
+        get_lr(s, Reading(cfg))
+    steps_left = range(step, cfg["max_iters"])
+    before = [get_lr(s, cfg | {key: old_value}) for s in steps_left]
+    after = [get_lr(s, cfg) for s in steps_left]
+    return key in reads and before == after
 
 
 def init_weights(cfg, given):
