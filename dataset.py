@@ -48,9 +48,8 @@ def writes_meta_json(script):
 
 def prepare(name, folder, paths):
     """Run the folder's prepare.py, one of ours, if some file is missing; torchrun's ranks queue on a lock and the
-    first prepares.
-    Returns whether the dataset was prepared now, by this process or by one it waited for. The script's output is
-    kept for an error's line: load_dataset sums up what it wrote."""
+    first prepares. Returns whether the dataset was prepared now, by this process or by one it waited for. The
+    script's output is kept for an error's line: load_dataset sums up what it wrote."""
     script = os.path.join(folder, "prepare.py")
     if all(map(os.path.exists, paths)) or not writes_meta_json(script):  # nanoGPT's prepare.py: its folder is its own
         return False
