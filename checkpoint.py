@@ -328,33 +328,34 @@ def _delete(path):
 
 
 def describe(out_dir):
-    """(a line per checkpoint: step, when written, train/val loss, size, whether it verifies; whether all do)."""
+    """(the checkpoints' lines under a header, else a line saying there is none; what else out_dir holds; all ok)."""
     lines = [f"{'step':>7}  {'written':19}  {'train loss':>10}  {'val loss':>8}  {'size':>10}  status"]
-    origin, names, all_ok = "scratch", sorted(os.listdir(out_dir)), True
+    origin = "scratch"
     for step in list_steps(out_dir):
         path = path_for(out_dir, step)
         try:  # a live run may prune this file while we look
-            written = os.path.getmtime(path)
             size = sum(e.stat().st_size for e in os.scandir(path)) if os.path.isdir(path) else os.path.getsize(path)
-            state = load(path, whole=False)
-            written, status = state.get("written_at", written), "ok"
-            losses, origin = (state.get("train_loss"), state.get("val_loss")), state.get("origin", origin)
+            state, status = {"written_at": os.path.getmtime(path)}, "ok"
+            state |= load(path, whole=False)
         except (FileNotFoundError, Vanished):
             continue
         except CheckpointError as e:
-            losses, status, all_ok = (None, None), str(e).split(": ", 1)[-1], False
-        train, val = ("-" if loss is None else f"{loss:.4f}" for loss in losses)
-        when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))
+            status = str(e).split(": ", 1)[-1]
+        origin = state.get("origin", origin)
+        train, val = ("-" if state.get(k) is None else f"{state[k]:.4f}" for k in ("train_loss", "val_loss"))
+        when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state["written_at"]))
         lines.append(f"{step:>7}  {when}  {train:>10}  {val:>8}  {size / 1e6:>7.1f} MB  {status}")
-    nanogpt = [f"{NANOGPT_NAME} (nanoGPT's: init_from={os.path.join(out_dir, NANOGPT_NAME)} starts a run from it)"]
-    for note, found in (("started from", [] if origin == "scratch" else [origin]),
-                        ("not listed", nanogpt if NANOGPT_NAME in names else []),
-                        ("incomplete writes (ignored, removed at the next start)",
-                         [n for n in names if n.endswith(TMP_SUFFIX)]),
-                        ("set aside by rewinds", [n for n in names if n.startswith("abandoned-")])):
-        if found:
-            lines.append(f"{note}: {', '.join(found)}")
-    return "\n".join(lines), all_ok
+    names, nano = sorted(os.listdir(out_dir)), os.path.join(out_dir, NANOGPT_NAME)
+    nanogpt = [f"{NANOGPT_NAME} (python train.py --init_from={nano} starts a run from its weights, python sample.py "
+               f"--init_from={nano} samples it)"] if NANOGPT_NAME in names else []
+    notes = {"started from": [origin] if origin != "scratch" else [], "nanoGPT's checkpoint, not listed": nanogpt,
+             "incomplete writes (ignored; train.py removes them when it next starts here)":
+                 [n for n in names if n.endswith(TMP_SUFFIX) and CKPT_NAME.fullmatch(n[:-len(TMP_SUFFIX)])],
+             "set aside by rewinds (each reads as an out_dir)": [n for n in names if n.startswith("abandoned-")]}
+    all_ok = all(line.endswith("  ok") for line in lines[1:])
+    if not lines[1:]:  # no header: what out_dir holds
+        lines[0] = f"no checkpoint of this trainer in {out_dir}{'' if names else ' (an empty folder)'}"
+    return "\n".join(lines + [f"{note}: {', '.join(found)}" for note, found in notes.items() if found]), all_ok
 
 
 def to_file(source, target):
@@ -372,11 +373,10 @@ if __name__ == "__main__":  # exit 0: every checkpoint verifies (or the file is 
              "damaged)\n       python checkpoint.py <checkpoint> <file.pt>   (writes a checkpoint as one file)")
     if args in (["--help"], ["-h"]):
         sys.exit(print(usage))
-    if not (len(args) == 1 and os.path.isdir(args[0]) or len(args) == 2 and os.path.exists(args[0])):
-        sys.exit(print(usage, file=sys.stderr) or 2)
     try:
+        if not (len(args) == 1 and os.path.isdir(args[0]) or len(args) == 2 and os.path.exists(args[0])):
+            raise CheckpointError(f"{' '.join(args) or 'nothing'}: not an out_dir, nor a checkpoint and a new file")
         text, all_ok = (to_file(*args), True) if len(args) == 2 else describe(args[0])
     except CheckpointError as e:
         sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
-    print(text)
-    sys.exit(0 if all_ok else 1)
+    sys.exit(print(text) or (0 if all_ok else 1))

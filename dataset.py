@@ -36,12 +36,23 @@ def dataset_dir(name):
     return name if os.sep in name or name.startswith(".") else os.path.join(DATA_DIR, name)
 
 
+def writes_meta_json(script):
+    """Whether the prepare.py at `script` is one of ours, which writes meta.json last (itself or through
+    char_dataset): nanoGPT's (openwebtext, shakespeare) write none, and are never run on a dataset they made."""
+    try:
+        with open(script, encoding="utf-8", errors="replace") as f:
+            source = f.read()
+    except OSError:
+        return False
+    return "meta.json" in source or "write_char_dataset" in source
+
+
 def prepare(name, folder, paths):
-    """Run the folder's prepare.py if some file is missing; torchrun's ranks queue on a lock and the first prepares.
-    Returns whether the dataset was prepared now, by this process or by one it waited for. The script's output is
-    kept for an error's line: load_dataset sums up what it wrote."""
+    """Run the folder's prepare.py, one of ours, if some file is missing; torchrun's ranks queue on a lock and the
+    first prepares. Returns whether the dataset was prepared now, by this process or by one it waited for. The
+    script's output is kept for an error's line: load_dataset sums up what it wrote."""
     script = os.path.join(folder, "prepare.py")
-    if all(map(os.path.exists, paths)) or not os.path.exists(script):
+    if all(map(os.path.exists, paths)) or not writes_meta_json(script):  # nanoGPT's prepare.py: its folder is its own
         return False
     try:
         with open(os.path.join(folder, "prepare.lock"), "a") as lock:
@@ -68,7 +79,7 @@ def load_dataset(name, block_size, trained_on=None):
     # writes meta.json last, so its dataset half-made looks the same)
     meta_pkl = os.path.join(folder, "meta.pkl")
     nanogpt = all(map(os.path.exists, paths[:2])) and not os.path.exists(paths[2]) and (
-        os.path.exists(meta_pkl) or not os.path.exists(os.path.join(folder, "prepare.py")))
+        os.path.exists(meta_pkl) or not writes_meta_json(os.path.join(folder, "prepare.py")))
     prepared = not nanogpt and prepare(name, folder, paths)
     if nanogpt:
         meta_bytes, meta = nanogpt_meta(name, meta_pkl)
@@ -77,6 +88,9 @@ def load_dataset(name, block_size, trained_on=None):
         under_data = folder == os.path.join(DATA_DIR, name)
         close = difflib.get_close_matches(name, os.listdir(DATA_DIR), n=1) if under_data else []
         hint = f" (did you mean {close[0]}?)" if close else ""
+        script = os.path.join(folder, "prepare.py")
+        if os.path.exists(script) and not writes_meta_json(script):
+            hint = f" ({script} writes no meta.json, as nanoGPT's do: it is not run here; run it yourself)"
         raise ConfigError(f"dataset {name}: missing {', '.join(missing)}{hint}")
     try:
         if not nanogpt:
@@ -135,7 +149,8 @@ def nanogpt_meta(name, path):
     """(the bytes it was read from, meta) of a dataset prepared by nanoGPT: its meta.pkl's characters (read as
     plain data, never as code), or GPT-2's BPE when there is no meta.pkl, as nanoGPT's OpenWebText has none."""
     if not os.path.exists(path):
-        print(f"dataset {name}: nanoGPT's layout without meta.pkl: read as GPT-2's BPE token ids (uint16)")
+        if is_rank_0():  # the other ranks would say the same
+            print(f"dataset {name}: nanoGPT's layout without meta.pkl: read as GPT-2's BPE token ids (uint16)")
         return b"", {"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16"}
     try:
         with open(path, "rb") as f:
@@ -148,6 +163,40 @@ def nanogpt_meta(name, path):
     return data, {"vocab_size": len(chars), "chars": chars, "dtype": "uint16"}
 
 
+def checkpoint_vocab(state, path, dataset=""):
+    """The vocabulary to decode a checkpoint's ids with (meta, as meta.json says it): the checkpoint's own, or for
+    nanoGPT's character-level ckpt.pt at `path`, the meta.pkl of its dataset, where nanoGPT's sample.py finds it:
+    data/<its config's dataset>/ in the current folder, or beside the checkpoint's folder (nanoGPT's out_dir sits
+    beside its data/). `dataset`, a name or a folder (as train.py's), says where instead; it is for that case only."""
+    meta = state["meta"]
+    if state.get("origin") != "nanoGPT" or "chars" in meta or "tokenizer" in meta:
+        if dataset:
+            raise ConfigError(f"--dataset is for nanoGPT's character-level checkpoints, whose characters are in "
+                              f"their dataset's meta.pkl: {path} carries its vocabulary")
+        return meta
+    name = dataset or state.get("dataset")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path} is nanoGPT's, of {meta['vocab_size']} characters, and its config names no "
+                          f"dataset: pass --dataset=<the folder of its meta.pkl>")
+    if dataset and (os.sep in dataset or dataset.startswith(".")):
+        folders = [dataset]
+    else:
+        beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "data", name)
+        folders = [os.path.join("data", name)]
+        folders += [beside] if os.path.abspath(beside) != os.path.abspath(folders[0]) else []
+    found = [f for f in folders if os.path.isfile(os.path.join(f, "meta.pkl"))]
+    if not found:
+        raise ConfigError(f"{path} is nanoGPT's, of {meta['vocab_size']} characters, kept in its dataset's meta.pkl: "
+                          f"none in {' or '.join(folders)}; pass --dataset=<the dataset's name, or its folder>")
+    pkl = os.path.join(found[0], "meta.pkl")
+    vocab = nanogpt_meta(name, pkl)[1]
+    if vocab["vocab_size"] != meta["vocab_size"]:
+        raise ConfigError(f"{pkl} holds {vocab['vocab_size']} characters, {path}'s model {meta['vocab_size']}: "
+                          f"not its vocabulary; pass --dataset=<the folder of the meta.pkl it was trained with>")
+    print(f"vocabulary: the {vocab['vocab_size']} characters of {pkl} (nanoGPT's meta.pkl)", file=sys.stderr)
+    return vocab
+
+
 def model_vocab_size(cfg, meta, init_vocab=None, log=print):
     """The model's vocabulary size: the config's, or the dataset's; never smaller than the dataset's. init_vocab,
     init_from's vocabulary (meta's "chars" or "tokenizer"), gets a warning when it is not the dataset's."""
@@ -157,17 +206,31 @@ def model_vocab_size(cfg, meta, init_vocab=None, log=print):
         raise ConfigError(f"vocab_size={vocab_size}{whose} is smaller than dataset {cfg['dataset']}'s "
                           f"{meta['vocab_size']}")
     words = ("chars", "tokenizer")
-    if init_vocab and [init_vocab.get(k) for k in words] != [meta.get(k) for k in words]:
+    if init_vocab and not any(k in init_vocab for k in words):  # nanoGPT's characters are in its meta.pkl
+        log(f"note: init_from's checkpoint does not carry its vocabulary (nanoGPT's is in its dataset's meta.pkl): "
+            f"nothing checks that dataset {cfg['dataset']}'s token ids mean what they meant to these weights")
+    elif init_vocab and [init_vocab.get(k) for k in words] != [meta.get(k) for k in words]:
         log(f"warning: dataset {cfg['dataset']}'s vocabulary is not init_from's: the weights will read its token "
             f"ids as other characters or words")
     return vocab_size
 
 
+def fingerprint_cache(folder):
+    """Where the whole-file hashes of the dataset in `folder` are remembered: its fingerprints.json when the folder
+    is ours (it has meta.json); else, as for a folder nanoGPT prepared, which we only read, a file of ours named by
+    the folder's absolute path under $XDG_CACHE_HOME (~/.cache)/gpt-resume/fingerprints/."""
+    if os.path.exists(os.path.join(folder, "meta.json")):
+        return os.path.join(folder, "fingerprints.json")
+    key = hashlib.sha256(os.path.abspath(folder).encode()).hexdigest()[:32]
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "gpt-resume", "fingerprints", f"{key}.json")
+
+
 def whole_file_hashes(folder, paths):
     """{"<file> sha256": hash of every byte} for these files. Hashing 17 GB takes a minute, so a hash is computed
-    once and remembered in the folder's fingerprints.json by the file's identity (inode, size, mtime and ctime: a
-    write changes ctime, which no tool can set back); a folder we cannot write in just hashes every time."""
-    cache_path = os.path.join(folder, "fingerprints.json")
+    once and remembered (fingerprint_cache) by the file's identity (device, inode, size, mtime and ctime: a write
+    changes ctime, which no tool can set back); where we cannot write, every start hashes again."""
+    cache_path = fingerprint_cache(folder)
     try:
         with open(cache_path) as f:
             cache = json.load(f)
@@ -190,6 +253,7 @@ def whole_file_hashes(folder, paths):
         hashes[f"{name} sha256"] = entry["sha256"]
     if changed:
         try:  # under a temporary name of its own, so that ranks preparing together never read half a file
+            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
             tmp = f"{cache_path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(cache, f)

@@ -11,7 +11,8 @@ The model computes what ours does: config.json says activation_function "gelu", 
 model trained with bias=False gets zero biases, as GPT-2 always has them. A vocabulary padded for speed (50304 for
 GPT-2's 50257 tokens) is exported as it is: the model scores 50304 ids, of which the tokenizer makes and reads the
 first 50257. An out_dir without checkpoints is an error that names a folder beside it, with a similar name, that
-has some.
+has some; one with nanoGPT's ckpt.pt alone exports it, its characters from its dataset's meta.pkl
+(dataset.checkpoint_vocab; --dataset says where it is).
 """
 import json
 import os
@@ -20,13 +21,16 @@ import sys
 
 import checkpoint
 from configurator import ConfigError, parse
-from stops import run_main
+from dataset import checkpoint_vocab
 from hf_gpt2 import char_tokenizer, save_safetensors, to_hf_gpt2
+from stops import run_main
 
 CONFIG = [  # (key, default, what it sets); `python export.py --help` prints this table
     ("out_dir", "out", "folder of the run's ckpt_<step>.pt files"),
     ("from_checkpoint_step", -1, "-1: the newest good checkpoint; N: exactly step N"),
     ("export_dir", "hf-out", "the folder to write; it must not exist, or be empty"),
+    ("dataset", "", "nanoGPT's character-level ckpt.pt only: the dataset (a name under data/, or a folder) whose "
+                    "meta.pkl holds its characters; '': the one its config names"),
 ]
 # GPT-2's tokenizer files, as tiktoken downloads and caches them (with their sha256), under transformers' names
 GPT2_BPE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -42,10 +46,16 @@ def main(argv):
     dest = os.path.normpath(cfg["export_dir"])  # no trailing slash: dest.tmp<pid> is then its sibling
     if os.path.exists(dest) and not (os.path.isdir(dest) and not os.listdir(dest)):
         raise ConfigError(f"export_dir {dest} exists and is not an empty folder: remove it, or pass another")
-    step = cfg["from_checkpoint_step"]
-    step, state = checkpoint.find_to_read(cfg["out_dir"], step, "export")
+    step, out_dir = cfg["from_checkpoint_step"], cfg["out_dir"]
+    path = os.path.join(out_dir, checkpoint.NANOGPT_NAME)
+    if step == -1 and not checkpoint.list_steps(out_dir) and os.path.isfile(path):  # a nanoGPT out_dir
+        state = checkpoint.load(path)
+        step = state["step"]
+    else:
+        step, state = checkpoint.find_to_read(out_dir, step, "export")
+        path = checkpoint.path_for(out_dir, step)
+    meta = checkpoint_vocab(state, path, cfg["dataset"])
     tensors, config = to_hf_gpt2(state["model"], state["model_args"])
-    meta = state["meta"]
     gpt2_bpe = meta.get("tokenizer") == "gpt2"
     # transformers checks these against the vocabulary: GPT-2's <|endoftext|>, or none for another vocabulary
     config.update(bos_token_id=EOT if gpt2_bpe else None, eos_token_id=EOT if gpt2_bpe else None)
@@ -65,10 +75,10 @@ def main(argv):
         files["tokenizer.json"] = json.dumps(char_tokenizer(meta["chars"]), indent=1).encode()
         # clean_up_tokenization_spaces off: it would take the space out of " ," and alter the text decoded
         tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-    else:  # a nanoGPT checkpoint keeps its characters in its dataset's meta.pkl
+    else:  # a dataset's meta.json may give vocab_size alone
         tokenizer_config = None
-        print(f"warning: step {step} of {cfg['out_dir']} holds no vocabulary: the export has the weights alone",
-              file=sys.stderr)
+        print(f"warning: {path} holds no vocabulary (its dataset's meta.json gave no characters and no tokenizer's "
+              f"name): the export has the weights alone", file=sys.stderr)
     if tokenizer_config:
         tokenizer_config["model_max_length"] = config["n_positions"]
         files["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2).encode()
@@ -90,7 +100,7 @@ def main(argv):
         raise ConfigError(f"cannot write {e.filename2 or e.filename or dest}: {e.strerror}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported step {step} of {cfg['out_dir']} to {dest}: {', '.join(['model.safetensors', *files])}")
+    print(f"exported step {step} ({path}) to {dest}: {', '.join(['model.safetensors', *files])}")
 
 
 if __name__ == "__main__":

@@ -202,11 +202,13 @@ def load_hf_vocab(folder, vocab_size):
 
 def from_nanogpt(state):
     """nanoGPT's ckpt.pt (iter_num, model_args, _orig_mod. names) as a reader sees ours: clean names, its step, the
-    vocabulary's size (nanoGPT keeps characters in the dataset's meta.pkl; 50257 or more is GPT-2's BPE)."""
-    args = state["model_args"]
+    vocabulary's size (50257 or more is GPT-2's BPE; nanoGPT keeps characters in the meta.pkl of its dataset, which
+    its config names: "dataset", for dataset.checkpoint_vocab)."""
+    args, config = state["model_args"], state.get("config")
     weights = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state["model"].items()
                if not (k.endswith("attn.bias") and v.dim() == 4)}  # the causal mask of its non-flash attention
     shape = {k: args[k] for k in SHAPE_KEYS}
     meta = {"vocab_size": args["vocab_size"]} | ({"tokenizer": "gpt2"} if args["vocab_size"] >= 50257 else {})
     return {"model": weights, "model_args": shape | {"dropout": args.get("dropout", 0.0)},
-            "step": state["iter_num"], "meta": meta, "origin": "nanoGPT"}
+            "step": state["iter_num"], "meta": meta, "origin": "nanoGPT",
+            "dataset": config.get("dataset") if isinstance(config, dict) else None}

@@ -113,8 +113,9 @@ def main(argv):
         raise PlotError(f"no {path} (train.py writes it as it runs)")
     records, skipped = read_metrics(path)
     if skipped:
-        print(f"warning: {path}: skipped line{'s' * (len(skipped) > 1)} {', '.join(map(str, skipped[:5]))}"
-              f"{' and more' if len(skipped) > 5 else ''}: not a record of train.py's", file=sys.stderr)
+        numbers = ", ".join(map(str, skipped[:5])) + (" and more" if len(skipped) > 5 else "")
+        print(f"warning: {path}: skipped {'line' if len(skipped) == 1 else 'lines'} {numbers}: not a record of "
+              f"train.py's", file=sys.stderr)
     if not any(key in r for r in records for key in LOSSES):
         raise PlotError(f"no losses in {path} yet")
     try:

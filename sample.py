@@ -8,11 +8,15 @@ through huggingface_hub), or what train.py's init_from takes: a Hugging Face GPT
 checkpoint file (nanoGPT's ckpt.pt too), or another out_dir, with :STEP for a step other than the newest.
 
 The vocabulary comes with the weights: a checkpoint carries its dataset's meta.json (characters, or GPT-2's BPE
-through tiktoken), a Hugging Face folder its tokenizer.json (hf_gpt2.load_hf_vocab), GPT-2's weights GPT-2's BPE.
+through tiktoken), a Hugging Face folder its tokenizer.json (hf_gpt2.load_hf_vocab), GPT-2's weights GPT-2's BPE;
+nanoGPT's character-level ckpt.pt has its characters in its dataset's meta.pkl, found where nanoGPT's sample.py
+finds it, or in --dataset's folder (dataset.checkpoint_vocab). A temperature that would make the logits overflow,
+or vanish, is refused before sampling (check_temperature).
 An out_dir with nanoGPT's ckpt.pt and no checkpoint of ours samples from it, as nanoGPT's sample.py does; one with
 neither is an error that names a folder beside it, with a similar name, that has checkpoints (did you mean
 out-shakespeare-char-cpu, for out-shakespeare-char?).
 """
+import math
 import os
 import sys
 
@@ -20,10 +24,11 @@ import torch
 
 import checkpoint
 from configurator import ConfigError, check_ranges, parse
-from stops import run_main
-from device import check_device, setup_runtime
+from dataset import checkpoint_vocab
+from device import DTYPES, check_device, setup_runtime
 from hf_gpt2 import GPT2_HUB_NAMES, PretrainedError, load_hf_gpt2, load_hf_vocab
 from model import GPT, GPTConfig
+from stops import run_main
 
 CONFIG = [  # (key, default, what it sets); `python sample.py --help` prints this table
     ("init_from", "resume", "resume: out_dir's checkpoint; gpt2[-medium|-large|-xl]: GPT-2's weights; or a "
@@ -39,21 +44,23 @@ CONFIG = [  # (key, default, what it sets); `python sample.py --help` prints thi
     ("dtype", "auto", "auto (bfloat16 on a GPU that has it, else float16; float32 on CPU), float32, bfloat16 "
                       "or float16"),
     ("seed", 1337, "seeds the sampling"),
+    ("dataset", "", "nanoGPT's character-level ckpt.pt only: the dataset (a name under data/, or a folder) whose "
+                    "meta.pkl holds its characters; '': the one its config names"),
 ]
 
 
 def read_run(out_dir, step):
-    """(state, what it is) of the checkpoint of `step` in out_dir: -1, the newest good one, or nanoGPT's ckpt.pt in
-    a folder that has no checkpoint of ours, as nanoGPT's sample.py reads it."""
+    """(state, what it is, its path) of the checkpoint of `step` in out_dir: -1, the newest good one, or nanoGPT's
+    ckpt.pt in a folder that has no checkpoint of ours, as nanoGPT's sample.py reads it."""
     nanogpt = os.path.join(out_dir, checkpoint.NANOGPT_NAME)
     if step == -1 and not checkpoint.list_steps(out_dir) and os.path.isfile(nanogpt):
-        return checkpoint.load(nanogpt), f"{nanogpt} (nanoGPT's)"
+        return checkpoint.load(nanogpt), f"{nanogpt} (nanoGPT's)", nanogpt
     step, state = checkpoint.find_to_read(out_dir, step, "sample from")
-    return state, checkpoint.path_for(out_dir, step)
+    return state, checkpoint.path_for(out_dir, step), checkpoint.path_for(out_dir, step)
 
 
 def load_weights(cfg, given):
-    """(a checkpoint's state, or its likes: model_args, model and meta; what it is) of init_from."""
+    """(a checkpoint's state, or its likes: model_args, model and meta; what it is; its path) of init_from."""
     source = cfg["init_from"]
     if source == "resume":
         return read_run(cfg["out_dir"], cfg["from_checkpoint_step"])
@@ -70,9 +77,9 @@ def load_weights(cfg, given):
         if meta is None:
             raise ConfigError(f"init_from={source}: no vocabulary to decode with: no character-level tokenizer.json "
                               f"(export.py writes one) and, with {model_args['vocab_size']} ids, not GPT-2's BPE")
-        return {"model_args": model_args, "model": weights, "meta": meta}, f"Hugging Face GPT-2 {source}"
+        return {"model_args": model_args, "model": weights, "meta": meta}, f"Hugging Face GPT-2 {source}", source
     if os.path.isfile(source):
-        return checkpoint.load(source), source
+        return checkpoint.load(source), source, source
     folder, colon, step = source.rpartition(":")
     if not (colon and step.isdigit()):
         folder, step = source, "-1"
@@ -94,9 +101,9 @@ def tokenizer(meta, source):
                 raise ConfigError(f"start: characters outside the model's vocabulary: {''.join(unknown)!r}")
             return [stoi[ch] for ch in text]
         return encode, lambda ids: "".join(meta["chars"][i] for i in ids), len(meta["chars"])
-    if "tokenizer" not in meta:
-        raise ConfigError(f"{source} holds no vocabulary to decode with (no characters, no tokenizer's name; a "
-                          f"nanoGPT checkpoint keeps its characters in its dataset's meta.pkl)")
+    if "tokenizer" not in meta:  # a dataset's meta.json may give vocab_size alone
+        raise ConfigError(f"{source} holds no vocabulary to decode with (its dataset's meta.json gave no "
+                          f"characters and no tokenizer's name)")
     import tiktoken  # only BPE vocabularies need it
     try:
         enc = tiktoken.get_encoding(meta["tokenizer"])
@@ -105,6 +112,37 @@ def tokenizer(meta, source):
                           f"offline, give tiktoken its files through TIKTOKEN_CACHE_DIR (docs/data.md)") from None
     # n_vocab, not meta's vocab_size: a nanoGPT checkpoint's is the model's, 50304 when padded for speed
     return (lambda text: enc.encode(text, allowed_special={"<|endoftext|>"})), enc.decode, enc.n_vocab
+
+
+def logit_bound(model, n_vocab):
+    """A bound on the size of any logit the model gives the first n_vocab ids: ln_f's normalized input has norm at
+    most sqrt(n_embd), so logit i is at most sqrt(n_embd) |w_i * gain| + |w_i . bias|, w_i lm_head's row i; 2%
+    more for the rounding of a 16-bit autocast."""
+    ln_f, w = model.transformer.ln_f, model.lm_head.weight.detach()[:n_vocab].float()
+    bound = math.sqrt(w.size(1)) * (w * ln_f.weight.detach().float()).norm(dim=1)
+    if ln_f.bias is not None:
+        bound += (w @ ln_f.bias.detach().float()).abs()
+    return 1.02 * bound.max().item()
+
+
+def check_temperature(temperature, bound, dtype, source):
+    """Refuse a temperature that makes sampling overflow or lose the logits. It divides them in the autocast dtype:
+    below bound/max one can overflow to inf (and softmax gives nan), above bound/tiny every one falls below the
+    normal numbers (the distribution, and top_k's choice, are lost); and it must be a normal float32 itself."""
+    info, single = torch.finfo(DTYPES[dtype]), torch.finfo(torch.float32)
+    if not math.isfinite(bound):
+        raise ConfigError(f"{source}: the model's weights are not all finite: its logits would be inf or nan")
+    low, high = max(bound / info.max, single.tiny), min(bound / info.tiny if bound else single.max, single.max)
+    logits = f"this model's logits, up to {bound:.3g} in size (a bound from its weights), divided by it"
+    if temperature < bound / info.max:
+        why = f"{logits} can overflow {dtype}"
+    elif temperature < single.tiny:
+        why = f"it is below float32's normal numbers ({single.tiny:.3g}): dividing by it is dividing by about zero"
+    elif temperature > high:
+        why = f"{logits} all underflow {dtype}: sampling would be uniform, top_k ignored"
+    else:
+        return
+    raise ConfigError(f"temperature={temperature}: {why}; sampling needs {low:.3g} <= temperature <= {high:.3g}")
 
 
 def read_prompt(start):
@@ -129,15 +167,16 @@ def main(argv):
         raise ConfigError(f"temperature must be positive and top_k not negative, got {cfg['temperature']} "
                           f"and {cfg['top_k']}")
     start = read_prompt(cfg["start"])
-    state, source = load_weights(cfg, given)
-    encode, decode, n_vocab = tokenizer(state["meta"], source)
+    state, source, path = load_weights(cfg, given)
+    encode, decode, n_vocab = tokenizer(checkpoint_vocab(state, path, cfg["dataset"]), source)
     ids = encode(start)
     if not ids:
         raise ConfigError("start: the prompt is empty; give at least one token")
 
-    device, _, autocast = setup_runtime(cfg["device"], cfg["dtype"])
+    device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"])
     model = GPT(GPTConfig(**state["model_args"]))
     model.load_state_dict(state["model"])
+    check_temperature(cfg["temperature"], logit_bound(model, n_vocab), dtype, source)
     model.eval().to(device)
     torch.manual_seed(cfg["seed"])  # after the model's random init, so that the samples depend on its weights alone
     print(f"sampling from {source}", file=sys.stderr)

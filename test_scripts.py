@@ -104,8 +104,8 @@ def test_sample_init_from_takes_a_checkpoint_file_or_an_out_dir_and_step(tmp_pat
 
 def test_gpt2_bpe_weights_sample_from_an_export_and_from_nanogpts_ckpt_pt(tmp_path, monkeypatch, capsys):
     """A run on GPT-2's BPE (a padded vocabulary of 50304), exported: the folder samples as the checkpoint does.
-    nanoGPT's out_dir, its one ckpt.pt, samples as nanoGPT's sample.py would, with --out_dir alone; a nanoGPT
-    checkpoint of a character model has no vocabulary to decode with (nanoGPT keeps it in meta.pkl): one line."""
+    nanoGPT's out_dir, its one ckpt.pt, samples as nanoGPT's sample.py would, with --out_dir alone (a character
+    model's, with its meta.pkl: test_nanogpt_files.py)."""
     for key, value in seed_tiktoken_cache(tmp_path / "tiktoken").items():
         monkeypatch.setenv(key, value)
     model = save_checkpoint(tmp_path / "out", BPE_META, vocab_size=50304)
@@ -120,12 +120,8 @@ def test_gpt2_bpe_weights_sample_from_an_export_and_from_nanogpts_ckpt_pt(tmp_pa
                 "iter_num": 250, "config": {"dataset": "shakespeare"}}, nano / "ckpt.pt")
     got, said = samples(capsys, f"--out_dir={nano}")
     assert got == expected and said == f"sampling from {nano / 'ckpt.pt'} (nanoGPT's)\n"
-    torch.save({"model": GPT(GPTConfig(**(args | {"vocab_size": 65}))).state_dict(), "iter_num": 9,
-                "model_args": args | {"vocab_size": 65}, "config": {"dataset": "shakespeare_char"}}, nano / "ckpt.pt")
-    with pytest.raises(ConfigError, match=re.escape(f"{nano / 'ckpt.pt'} (nanoGPT's) holds no vocabulary to decode "
-                                                    f"with (no characters, no tokenizer's name; a nanoGPT checkpoint "
-                                                    f"keeps its characters in its dataset's meta.pkl)")):
-        samples(capsys, f"--out_dir={nano}")
+    export.main([f"--out_dir={nano}", f"--export_dir={tmp_path / 'hf-nano'}"])  # export.py reads it too
+    assert samples(capsys, f"--init_from={tmp_path / 'hf-nano'}")[0] == expected
     assert load_hf_vocab(str(tmp_path / "hf"), 50304) == {"vocab_size": 50257, "tokenizer": "gpt2"}
     assert load_hf_vocab(str(tmp_path / "hf"), 65) is None
 

@@ -1260,7 +1260,7 @@ def test_a_nanogpt_checkpoint_starts_a_run(tmp_path, dataset, capsys):
     nano.mkdir()
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in weights.items()}, "optimizer": {}, "model_args": args,
                 "iter_num": 250, "best_val_loss": torch.tensor(1.5), "config": {"batch_size": 12}}, nano / "ckpt.pt")
-    assert "ckpt.pt (nanoGPT's: init_from=" in checkpoint.describe(str(nano))[0]
+    assert f"python train.py --init_from={nano / 'ckpt.pt'}" in checkpoint.describe(str(nano))[0]
     for source in (nano / "ckpt.pt", nano):
         out = tmp_path / f"from-{source.name}"
         run(out, dataset, f"--init_from={source}", "--max_iters=1", "--learning_rate=0.0", "--vocab_size=100")
