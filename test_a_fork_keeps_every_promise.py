@@ -15,19 +15,25 @@ import torch
 
 from conftest import HERE, TINY, assert_identical, listing
 
-SGD = ("model.py", "        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({\"fused\": True} if fused else {}))",
+# each a (file, text, the text a forker puts in its place)
+SGD = ("model.py",
+       '        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))',
        "        return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9)")
-EXTRA_WEIGHT = ("model.py", "        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)",
+EXTRA_WEIGHT = ("model.py",
+                "        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)",
                 "        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)\n"
                 "        self.gate = nn.Parameter(torch.ones(config.n_embd))")
-NEW_KEY = ("train.py", '    ("seed", 1337, "seeds the initial weights, the batches and dropout"),',
+NEW_KEY = ("train.py",
+           '    ("seed", 1337, "seeds the initial weights, the batches and dropout"),',
            '    ("seed", 1337, "seeds the initial weights, the batches and dropout"),\n'
            '    ("loss_scale", 1.0, "a fork\'s new key: multiplies the loss"),')
-NEW_KEY_USED = ("train.py", "                loss = loss / local_accum  # the mean over micro-batches; DDP averages over the ranks",
-                "                loss = loss * cfg[\"loss_scale\"] / local_accum")
-TENTH_AFTER_DECAY = ("train.py", '    if step >= cfg["lr_decay_iters"]:\n        return cfg["min_lr"]',
-                     '    if step >= cfg["lr_decay_iters"]:  # a fork\'s schedule\n        return cfg["learning_rate"] / 10')
-
+NEW_KEY_USED = ("train.py",
+                "                loss = loss / local_accum  # the mean over micro-batches; DDP averages over the ranks",
+                '                loss = loss * cfg["loss_scale"] / local_accum')
+TENTH_AFTER_DECAY = ("train.py",
+                     '    if step >= cfg["lr_decay_iters"]:\n        return cfg["min_lr"]',
+                     '    if step >= cfg["lr_decay_iters"]:  # a fork\'s schedule\n'
+                     '        return cfg["learning_rate"] / 10')
 
 def fork(tmp_path, *edits):
     """A copy of the project's code in tmp_path/fork, with each (file, old, new) edit made once."""
