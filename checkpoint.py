@@ -26,7 +26,7 @@ from torch.utils.serialization import config as torch_save_config
 
 import sharded
 from hf_gpt2 import from_nanogpt
-from model import SHAPE_KEYS
+from model import GPT, SHAPE_KEYS, GPTConfig
 
 CKPT_NAME = re.compile(r"ckpt_(\d{7,})(\.pt)?")  # a file, or a sharded run's folder
 TMP_SUFFIX = ".tmp"
@@ -224,6 +224,22 @@ def misfit(expected, saved):
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             problems.append(f"{what}: {', '.join(names[:3])}{more}")
     return "; ".join(problems) or None
+
+
+def model_of(state, what):
+    """The GPT that a checkpoint's (or init_from's) state describes, holding its weights, for a script that only
+    reads it. A model.py changed since it was written (other fields, names or shapes) is one line: CheckpointError
+    naming `what` and the difference."""
+    try:
+        model = GPT(GPTConfig(**state["model_args"]))
+    except TypeError as e:  # a field the checkpoint has and this code's GPTConfig does not
+        raise CheckpointError(f"{what}: its model_args do not fit this code's GPTConfig ({e})") from None
+    problem = misfit(model.state_dict(), state["model"])
+    if problem is not None:
+        raise CheckpointError(f"{what}: its weights do not fit this code's model ({problem}); model.py has "
+                              f"changed since it was written")
+    model.load_state_dict(state["model"])
+    return model
 
 
 def groups_misfit(groups, saved_groups):

@@ -55,7 +55,12 @@ def main(argv):
         step, state = checkpoint.find_to_read(out_dir, step, "export")
         path = checkpoint.path_for(out_dir, step)
     meta = checkpoint_vocab(state, path, cfg["dataset"])
-    tensors, config = to_hf_gpt2(state["model"], state["model_args"])
+    checkpoint.model_of(state, path)  # weights this code's model.py cannot take are one line
+    try:
+        tensors, config = to_hf_gpt2(state["model"], state["model_args"])
+    except KeyError as e:  # a model whose weights are not GPT-2's (a fork's rotary embeddings, say)
+        raise checkpoint.CheckpointError(f"{path}: its model is not GPT-2's, which a Hugging Face GPT-2 folder "
+                                         f"holds: it has no {e.args[0]}") from None
     gpt2_bpe = meta.get("tokenizer") == "gpt2"
     # transformers checks these against the vocabulary: GPT-2's <|endoftext|>, or none for another vocabulary
     config.update(bos_token_id=EOT if gpt2_bpe else None, eos_token_id=EOT if gpt2_bpe else None)

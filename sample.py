@@ -27,7 +27,6 @@ from configurator import ConfigError, check_ranges, parse
 from dataset import checkpoint_vocab
 from device import DTYPES, check_device, setup_runtime
 from hf_gpt2 import GPT2_HUB_NAMES, PretrainedError, load_hf_gpt2, load_hf_vocab
-from model import GPT, GPTConfig
 from stops import run_main
 
 CONFIG = [  # (key, default, what it sets); `python sample.py --help` prints this table
@@ -174,8 +173,7 @@ def main(argv):
         raise ConfigError("start: the prompt is empty; give at least one token")
 
     device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"])
-    model = GPT(GPTConfig(**state["model_args"]))
-    model.load_state_dict(state["model"])
+    model = checkpoint.model_of(state, source)
     check_temperature(cfg["temperature"], logit_bound(model, n_vocab), dtype, source)
     model.eval().to(device)
     torch.manual_seed(cfg["seed"])  # after the model's random init, so that the samples depend on its weights alone

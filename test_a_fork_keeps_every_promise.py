@@ -96,6 +96,13 @@ def test_a_changed_model_refuses_the_old_checkpoint_at_a_resume_and_as_init_from
     done = train(code, dataset, tmp_path / "new", f"--init_from={out}")
     assert done.returncode == 2 and "gate" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not (tmp_path / "new").exists()
+    for script in (["sample.py", "--num_samples=1", "--max_new_tokens=2", "--device=cpu"],
+                   ["export.py", f"--export_dir={tmp_path / 'hf'}"]):
+        done = subprocess.run([sys.executable, *script, f"--out_dir={out}"], cwd=code, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 2 and "gate" in done.stderr, (script, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert listing(out) == before and not (tmp_path / "hf").exists()
 
 
 def test_a_new_config_key_is_inherited_and_its_change_at_a_resume_is_said(tmp_path, dataset):
