@@ -8,7 +8,7 @@ import pytest
 
 import bench_fsdp
 from configurator import ConfigError
-from test_train import run_ranks
+from conftest import run_ranks
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--vocab_size=64", "--batch_size=2",
         "--warmup=1", "--steps=1", "--repeats=1"]

@@ -12,20 +12,11 @@ import threading
 import time
 from datetime import timedelta
 
-import torch
 import torch.distributed as dist
 
 import checkpoint
 import device
-import test_train
-from test_train import HERE, TINY, assert_identical, run, worker_with_rank
-
-# one thread per process, here and in the workers (they inherit it): the exact comparison with a run in this
-# process relies on one summation order everywhere
-torch.set_num_threads(1)
-os.environ["OMP_NUM_THREADS"] = "1"
-
-dataset = test_train.dataset  # the fixture, shared: tests ask for it by name
+from conftest import HERE, TINY, assert_identical, run, worker_with_rank
 
 
 def torchrun(*args, restarts=0):

