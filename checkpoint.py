@@ -8,7 +8,7 @@ short by a copy, a bit flipped on disk) is refused, never loaded; it gives the s
 
 In order below: writing (save), reading (verify, load, find), the out_dir (prune, remove_temporaries, describe:
 `python checkpoint.py out_dir`), to_file. saver.py writes them in the background (a folder: saver.publish_folder);
-what else a run keeps in out_dir (its lock, rewinds, metrics) is folder.py's and logs.py's.
+what else a run keeps in out_dir (its lock, rewinds, metrics) is housekeeping.py's and logs.py's.
 """
 import difflib
 import mmap

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import checkpoint
-import outdir
+import housekeeping
 import sample
 import train
 from model import GPT, GPTConfig
@@ -116,7 +116,7 @@ def assert_identical(a, b):
 def files_and_mtimes(folder):
     """Every file below folder with its mtime, except the lock files that a run holds while it checks a resume."""
     return {p: os.stat(p).st_mtime_ns for p in glob.glob(str(folder / "**"), recursive=True)
-            if os.path.isfile(p) and os.path.basename(p) != outdir.LOCK_NAME}
+            if os.path.isfile(p) and os.path.basename(p) != housekeeping.LOCK_NAME}
 
 
 def read_metrics(out_dir):

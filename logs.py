@@ -2,7 +2,7 @@
 A run's log: metrics.jsonl in its out_dir, one JSON object a line ({"step": ..., "time": ..., and what was
 measured}), appended and fsynced by rank 0, and Weights & Biases when wandb_log is on (NoWandb stands in when it
 is off, so the loop calls one thing either way). metrics.jsonl is the history of the live timeline: a rewind
-(folder.py) splits it with split_metrics. A line that is no record of ours, a note added by hand say, is kept.
+(housekeeping.py) splits it with split_metrics. A line that is no record of ours, a note added by hand say, is kept.
 Pace times what the loop prints: the time left, and a line before an evaluation or save that will take long.
 """
 import json

@@ -17,7 +17,7 @@ continues the same run (every key this command does not set comes from the check
 no longer load is one line that names the difference; nothing is written before open(), but train.lock; a save is
 complete or absent, and a failed one stops the run at the next step; a signal saves the step and exits 0.
 
-Behind it: checkpoint.py (the files), saver.py (the background writer), folder.py (the lock, the guard,
+Behind it: checkpoint.py (the files), saver.py (the background writer), housekeeping.py (the lock, the guard,
 rewinds), logs.py (metrics), stops.py (signals and exit codes), sharded.py (FSDP2 folders), device.py (the job).
 """
 import os
@@ -26,7 +26,7 @@ from contextlib import ExitStack
 import torch.distributed as dist
 
 import checkpoint
-import folder
+import housekeeping
 import sharded
 from configurator import ConfigError
 from device import join_job
@@ -93,7 +93,7 @@ class Run:
         if cfg["from_checkpoint_step"] < -1:
             raise ConfigError(f"from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, "
                               f"got {cfg['from_checkpoint_step']}")
-        folder.check_out_dir(cfg)
+        housekeeping.check_out_dir(cfg)
         if self.ddp:
             check_one_config(cfg)
         # a sharded run's ranks each read their shards of a folder later, in load_optimizer
@@ -116,8 +116,8 @@ class Run:
             path = checkpoint.path_for(cfg["out_dir"], self.start_step)
             state = checkpoint.load(path, whole, checked=not whole)
         if state is not None:
-            self.resumed_config = dict(state["config"])
             continue_run(cfg, self.given, state)
+            self.resumed_config = dict(state["config"])
             for key in self.records:
                 self.records[key] = state.get(key, self.records[key])
         return state
@@ -126,7 +126,7 @@ class Run:
         """Rank 0: lock out_dir (eval_only only reads it) and find the checkpoint to resume."""
         cfg = self.cfg
         if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # a new out_dir is locked as it is made
-            self.lock_file = self.cleanup.enter_context(folder.lock(cfg["out_dir"]))
+            self.lock_file = self.cleanup.enter_context(housekeeping.lock(cfg["out_dir"]))
         requested = cfg["from_checkpoint_step"]
         # restarted by torchrun --max-restarts: the newest step, for rewinding again would undo the progress
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
@@ -189,18 +189,18 @@ class Run:
         try:
             if self.lock_file is None:  # a new out_dir: lock it, and make sure no other run got there first
                 os.makedirs(out_dir, exist_ok=True)
-                self.lock_file = self.cleanup.enter_context(folder.lock(out_dir))
+                self.lock_file = self.cleanup.enter_context(housekeeping.lock(out_dir))
                 if checkpoint.list_steps(out_dir):
                     raise checkpoint.CheckpointError(f"out_dir {out_dir} got checkpoints from another run "
                                                      f"meanwhile")
-            folder.clean_leftovers(out_dir)
-            abandoned = folder.rewind(out_dir, self.start_step)
+            housekeeping.clean_leftovers(out_dir)
+            abandoned = housekeeping.rewind(out_dir, self.start_step)
             metrics_file = self.cleanup.enter_context(open(metrics_path(out_dir), "a"))
         except OSError as e:
             raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
         if abandoned:
             self.print(f"rewinding to step {self.start_step}: moved the newer checkpoints into {abandoned}")
-        metrics = Metrics(metrics_file, wandb_run, folder.Guard(out_dir, self.lock_file))
+        metrics = Metrics(metrics_file, wandb_run, housekeeping.Guard(out_dir, self.lock_file))
         metrics.record(self.start_step, event="resume" if self.start_step else "start")
         return metrics
 

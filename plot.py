@@ -7,7 +7,7 @@ Plot a run's losses from the metrics.jsonl that train.py appends to in its out_d
 Training loss is a line, evaluations are markers, a dashed gray line marks each resume, and a rewind is drawn
 apart: an orange dash-dot line at the step rewound to, and the steps it abandoned as a pale gray line. The two
 look alike in metrics.jsonl (each starts with a "resume" event, or "start" for a rewind to step 0); a rewind is
-told by what it leaves (folder.rewind): an abandoned-<time>/metrics.jsonl with the lines past its step.
+told by what it leaves (housekeeping.rewind): an abandoned-<time>/metrics.jsonl with the lines past its step.
 Needs matplotlib (pip install matplotlib), which training does not.
 """
 import glob

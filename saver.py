@@ -51,7 +51,7 @@ def snapshot(state, buffers=None):
 
 def publish(out_dir, step, state, keep_last, keep_every, protect, cancel=None, guard=lambda: None):
     """save, then prune: all that a checkpoint costs, whether it runs in the foreground or the background. guard()
-    runs before each, to refuse a folder that is no longer this run's (folder.Guard)."""
+    runs before each, to refuse a folder that is no longer this run's (housekeeping.Guard)."""
     guard()
     written = []
     try:

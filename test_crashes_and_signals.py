@@ -7,7 +7,7 @@ are about processes, exit codes and torchrun):  python3 -m pytest -q -n 2 test_c
 - a second Ctrl-C a second or more after the first stops at once (exit 130, no file left); two signals at any gap,
   or a stream of them while the run ends, never turn a stop that saved into exit 130 or a death by signal;
 - once the run's final checkpoint is on disk a second Ctrl-C changes nothing, and one that came too late to cancel
-  it ends the run as the stop that saved (outdir.StopSignals, in-process, and real processes).
+  it ends the run as the stop that saved (stops.StopSignals, in-process, and real processes).
 """
 import os
 import random
@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import outdir
+import stops
 from conftest import (HERE, assert_identical, checkpoint, ddp_flags, free_port, kill_9_again_and_again, run, start,
                       state_at, stop_by_signal, torchrun_cmd, train_cmd, wait_for_line, worker_with_rank)
 
@@ -195,11 +195,12 @@ def test_two_ctrl_cs_at_any_gap_exit_as_the_disk_says(tmp_path, dataset):
 
 
 def run_main_script(tmp_path, body):
-    """A script whose main is `body` (this function's argv), run by configurator.run_main as train.py's is."""
+    """A script whose main is `body` (this function's argv), run by stops.run_main as train.py's is."""
     script = tmp_path / "script.py"
-    script.write_text(f"import atexit, os, signal, sys, time\nsys.path.insert(0, {HERE!r})\nimport configurator\n"
+    script.write_text(f"import atexit, os, signal, sys, time\nsys.path.insert(0, {HERE!r})\n"
+                      "import configurator, stops\n"
                       f"def main(argv):\n    {body}\n"
-                      "configurator.run_main(main, interrupted='interrupted: nothing saved')\n")
+                      "stops.run_main(main, interrupted='interrupted: nothing saved')\n")
     return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
 
 
@@ -216,33 +217,33 @@ def test_run_main_stops_at_once_before_the_run_and_keeps_the_exit_code_after_it(
 
 
 def test_a_second_ctrl_c_finds_the_final_checkpoint_on_disk_or_cancels_it(tmp_path, capfd):
-    """outdir.StopSignals told the config and the step (as train.py is to tell it: see the report's lines), with
+    """stops.StopSignals told the config and the step (as train.py is to tell it: see the report's lines), with
     real signals to this process; the first Ctrl-C is made to have come two seconds ago."""
     cfg = {"out_dir": str(tmp_path), "max_iters": 10, "from_checkpoint_step": -1}
     before = signal.getsignal(signal.SIGINT)
     ctrl_c = lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.01))
-    with outdir.StopSignals(False, cfg) as stops:
-        assert not stops.agreed(2)
+    with stops.StopSignals(cfg, False) as signals:
+        assert not signals.agreed(2)
         (tmp_path / "ckpt_0000002.pt").write_bytes(b"an interval checkpoint")
         ctrl_c()
-        stops.received[0] = (signal.SIGINT, time.monotonic() - 2)
+        signals.received[0] = (signal.SIGINT, time.monotonic() - 2)
         with pytest.raises(KeyboardInterrupt, match=INTERRUPTED):  # mid-step: an older checkpoint is no excuse
             ctrl_c()
-        assert stops.agreed(3)  # the stop's step: what is left is its save
+        assert signals.agreed(3)  # the stop's step: what is left is its save
         with pytest.raises(KeyboardInterrupt, match=INTERRUPTED):  # not on disk yet: the save is cancelled
             ctrl_c()
         (tmp_path / "ckpt_0000003.pt").write_bytes(b"the stop's checkpoint")
         ctrl_c()
         ctrl_c()  # on disk: nothing left to stop, said once
         assert capfd.readouterr().err == "step 3 is saved: ending; a signal changes nothing\n"
-        raise KeyboardInterrupt(stops.interrupted)  # as a cancel that came after the file was complete
+        raise KeyboardInterrupt("interrupted")  # as a cancel that came after the file was complete
     assert signal.getsignal(signal.SIGINT) is before
     assert "stopped after step 3, saved before Ctrl-C could cancel it" in capfd.readouterr().out
     with pytest.raises(KeyboardInterrupt):  # a cancel that worked: 130
-        with outdir.StopSignals(False, cfg) as stops:
+        with stops.StopSignals(cfg, False) as signals:
             os.kill(os.getpid(), signal.SIGTERM)
-            assert stops.agreed(4)
-            raise KeyboardInterrupt(stops.interrupted)
+            assert signals.agreed(4)
+            raise KeyboardInterrupt("interrupted")
 
 
 def test_a_second_ctrl_c_after_the_save_is_written_changes_no_exit_code(tmp_path, dataset):

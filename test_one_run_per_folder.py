@@ -2,10 +2,10 @@
 One run per folder, one command per job:  python3 -m pytest -q -n 2 test_one_run_per_folder.py
 - a second trainer on the same out_dir exits 2 at once, naming the host and pid that hold it; readers work meanwhile;
 - a live run whose out_dir (or its train.lock) is deleted or replaced stops, exit code 2, one line on stderr, and
-  writes or prunes nothing in the folder made anew (outdir.Guard; real processes), even when the folder is replaced
-  between a save's rename and the guard after it (saver.publish, in-process);
+  writes or prunes nothing in the folder made anew (housekeeping.Guard; real processes), even when the folder is
+  replaced between a save's rename and the guard after it (saver.publish, in-process);
 - the nodes of one job must be given one command: two torchrun launchers given other max_iters and seed stop,
-  naming both keys, before anything is written (outdir.resolve_start; real processes).
+  naming both keys, before anything is written (outdir.Run.resume; real processes).
 """
 import os
 import re
@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-import outdir
+import housekeeping
 import sample
 import saver
 from conftest import (HERE, checkpoint, contents, ddp_flags, free_port, kill_all, listing, process_tree, run, start,
@@ -97,7 +97,7 @@ def test_a_run_whose_folder_is_deleted_stops_and_writes_nothing_in_the_new_one(t
             out.mkdir()
             (out / "ckpt_0000001.pt").write_bytes(b"another run's file\n")
         else:
-            os.remove(out / outdir.LOCK_NAME)
+            os.remove(out / housekeeping.LOCK_NAME)
         before = checkpoint.list_steps(str(out))
         os.kill(proc.pid, signal.SIGCONT)
         try:
@@ -115,7 +115,7 @@ def test_a_run_whose_folder_is_deleted_stops_and_writes_nothing_in_the_new_one(t
     if deleted == "out_dir":
         assert contents(out) == {"ckpt_0000001.pt": b"another run's file\n"}
     else:
-        assert not os.path.exists(out / outdir.LOCK_NAME)
+        assert not os.path.exists(out / housekeeping.LOCK_NAME)
 
 
 @pytest.mark.parametrize("made_anew", ["empty", "with-a-file-of-that-name"])
@@ -138,9 +138,9 @@ def test_a_folder_replaced_just_after_a_save_is_left_as_it_was_made(tmp_path, mo
         return path
 
     monkeypatch.setattr(checkpoint, "save", save_then_replace)
-    with outdir.lock(str(out)) as held:
+    with housekeeping.lock(str(out)) as held:
         with pytest.raises(checkpoint.CheckpointError, match="is no longer the folder this run locked"):
-            saver.publish(str(out), 5, {"w": torch.zeros(2)}, 1, 0, [0], guard=outdir.Guard(str(out), held))
+            saver.publish(str(out), 5, {"w": torch.zeros(2)}, 1, 0, [0], guard=housekeeping.Guard(str(out), held))
     assert contents(out) == theirs
     assert checkpoint.list_steps(str(old)) == [5]
 

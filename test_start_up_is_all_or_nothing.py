@@ -1,12 +1,13 @@
 """
-Start-up is all or nothing (outdir.py), on tiny models on the CPU:
+Start-up is all or nothing (outdir.py, housekeeping.py), on tiny models on the CPU:
     python3 -m pytest -q -n 2 test_start_up_is_all_or_nothing.py
-- a rewind crashed after any of its file operations loses nothing, and a rerun completes it exactly (outdir.rewind);
+- a rewind crashed after any of its file operations loses nothing, and a rerun completes it exactly
+  (housekeeping.rewind);
 - a signal during start-up (here: mid-rewind) is handled as one in the loop: the rewind completes, one step is
   trained and saved, the run ends cleanly;
 - every kind of leftover a crash leaves is cleaned at the next start, and nothing that holds history
-  (outdir.clean_leftovers);
-- wandb failing to start changes nothing on disk, not even a fresh out_dir's creation (outdir.open_out_dir);
+  (housekeeping.clean_leftovers);
+- wandb failing to start changes nothing on disk, not even a fresh out_dir's creation (outdir.Run.open);
 - no error comes after the line that says where the run starts: every check is made before it.
 """
 import glob
@@ -17,7 +18,7 @@ import signal
 
 import pytest
 
-import outdir
+import housekeeping
 import train
 from configurator import ConfigError
 from conftest import TINY, assert_identical, checkpoint, contents, listing, run, state_at
@@ -74,10 +75,10 @@ class Crash(BaseException):
 
 
 def instrument_rewind(monkeypatch, fail_at=None):
-    """Log each file operation of outdir.rewind (its os.makedirs and os.replace calls, the replaces of write_whole
+    """Log each file operation of housekeeping.rewind (its os.makedirs and os.replace calls, the replaces of write_whole
     included) into the returned list; the operation number fail_at (1 is the first) raises Crash instead."""
     calls, inside = [], [False]
-    real_rewind = outdir.rewind
+    real_rewind = housekeeping.rewind
 
     def operation(name):
         real = getattr(os, name)
@@ -99,7 +100,7 @@ def instrument_rewind(monkeypatch, fail_at=None):
 
     for name in ("makedirs", "replace"):
         monkeypatch.setattr(os, name, operation(name))
-    monkeypatch.setattr(outdir, "rewind", rewind)
+    monkeypatch.setattr(housekeeping, "rewind", rewind)
     return calls
 
 
@@ -148,21 +149,21 @@ def test_a_rewind_crashed_at_any_moment_loses_nothing_and_a_rerun_completes_it(t
 
 def test_a_signal_during_start_up_is_handled_like_one_in_the_loop(tmp_path, dataset, at_step_30, monkeypatch,
                                                                    capsys):
-    """SIGTERM arrives mid-rewind (a wrapper of outdir.rewind sends it to this process, then rewinds): the rewind
+    """SIGTERM arrives mid-rewind (a wrapper of housekeeping.rewind sends it to this process, then rewinds): the rewind
     completes, the run trains one step, saves it, and returns normally, saying it was stopped by a signal."""
     original = contents(at_step_30)
     abandoned_lines = [line for line in lines(at_step_30 / "metrics.jsonl") if step_of(line) > 10]
     unbroken = tmp_path / "unbroken"
     shutil.copytree(at_step_30, unbroken)
     run(unbroken, dataset, *REWIND, "--max_iters=11")
-    real_rewind, signalled = outdir.rewind, []
+    real_rewind, signalled = housekeeping.rewind, []
 
     def rewind(out_dir, step):
         os.kill(os.getpid(), signal.SIGTERM)
         signalled.append(step)
         return real_rewind(out_dir, step)
 
-    monkeypatch.setattr(outdir, "rewind", rewind)
+    monkeypatch.setattr(housekeeping, "rewind", rewind)
     capsys.readouterr()
     run(at_step_30, dataset, *REWIND)
     printed = capsys.readouterr().out
@@ -222,7 +223,7 @@ def test_wandb_failing_to_start_changes_nothing_on_disk(tmp_path, dataset, at_st
     assert str(e.value) == message
     assert listing(at_step_30) == before
     after = contents(at_step_30)
-    assert [k for k in files if k != outdir.LOCK_NAME and after[k] != files[k]] == []
+    assert [k for k in files if k != housekeeping.LOCK_NAME and after[k] != files[k]] == []
     fresh = tmp_path / "fresh"
     with pytest.raises(ConfigError, match="wandb cannot start"):
         run(fresh, dataset, "--max_iters=5", "--wandb_log=True")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import char_dataset  # in data/: conftest.py puts that folder on sys.path
+import model
 import outdir
 import train
 from configurator import ConfigError
@@ -105,7 +106,7 @@ def test_any_key_may_change_at_a_resume_or_is_refused_in_one_line(tmp_path, data
         out.mkdir()
         os.link(checkpoint.path_for(str(tmp_path / "base"), 3), checkpoint.path_for(str(out), 3))
         flags = [f"--out_dir={out}", f"--{key}={value!r}"] + ([] if key == "max_iters" else ["--max_iters=6"])
-        if key in outdir.SHAPE_KEYS:
+        if key in model.SHAPE_KEYS:
             with pytest.raises(ConfigError, match=rf"^{key}={re.escape(repr(value))} contradicts checkpoint step 3"):
                 train.main(flags)
         else:
