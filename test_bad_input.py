@@ -12,12 +12,13 @@ import re
 import pytest
 import torch
 
+import checkpoint
 import configurator
 import export
 import sample
 import train
 from configurator import ConfigError
-from conftest import TINY, checkpoint, files_and_mtimes, run, run_process, state_at
+from conftest import TINY, files_and_mtimes, run, run_process, state_at
 
 
 SPEC = [("batch_size", 12, "b"), ("learning_rate", 6e-4, "lr"), ("compile", True, "c"),

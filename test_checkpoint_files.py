@@ -18,9 +18,10 @@ import subprocess
 
 import pytest
 
+import checkpoint
 import sample
 import train
-from conftest import TINY, assert_identical, checkpoint, files_and_mtimes, read_metrics, run, run_process, state_at
+from conftest import TINY, assert_identical, files_and_mtimes, read_metrics, run, run_process, state_at
 from model import GPT, GPTConfig
 
 

@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import checkpoint
 import stops
-from conftest import (HERE, assert_identical, checkpoint, ddp_flags, free_port, kill_9_again_and_again, run, start,
-                      state_at, stop_by_signal, torchrun_cmd, train_cmd, wait_for_line, worker_with_rank)
+from conftest import (HERE, assert_identical, ddp_flags, free_port, kill_9_again_and_again, run, start, state_at,
+                      stop_by_signal, torchrun_cmd, train_cmd, wait_for_line, worker_with_rank)
 
 
 def test_kill_9_at_random_moments_loses_nothing(tmp_path, dataset, reference):

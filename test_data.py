@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 import char_dataset  # in data/: conftest.py puts that folder on sys.path
+import checkpoint
 import train
 from configurator import ConfigError
-from conftest import HERE, OFFLINE, TINY, checkpoint, copy_prepare_script, run, run_process, write_tokens
+from conftest import HERE, OFFLINE, TINY, copy_prepare_script, run, run_process, write_tokens
 from dataset import load_dataset
 
 

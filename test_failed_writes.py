@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from conftest import HERE, checkpoint, run, train_cmd
+import checkpoint
+from conftest import HERE, run, train_cmd
 
 
 @pytest.mark.parametrize("cause", ["No space left on device", "Permission denied"], ids=["ENOSPC", "EACCES"])

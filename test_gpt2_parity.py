@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import export
 import hf_gpt2
 import sample
 from configurator import ConfigError
-from conftest import (CHAR_META, CHARS, HERE, OFFLINE, TEXT, checkpoint, copy_prepare_script, run, run_process,
-                      samples, save_checkpoint, seed_tiktoken_cache, state_at)
+from conftest import (CHAR_META, CHARS, HERE, OFFLINE, TEXT, copy_prepare_script, run, run_process, samples,
+                      save_checkpoint, seed_tiktoken_cache, state_at)
 from hf_gpt2 import PretrainedError, load_hf_gpt2, load_hf_vocab
 from model import GPT, GPTConfig
 

@@ -8,8 +8,9 @@ import sys
 
 import torch
 
+import checkpoint
 import train
-from conftest import HERE, checkpoint
+from conftest import HERE
 
 
 CHECKS = [

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 from configurator import ConfigError
-from conftest import checkpoint, read_metrics, run, state_at, write_tokens
+from conftest import read_metrics, run, state_at, write_tokens
 from model import GPT, GPTConfig
 
 

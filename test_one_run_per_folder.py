@@ -18,11 +18,12 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import housekeeping
 import sample
 import saver
-from conftest import (HERE, checkpoint, contents, ddp_flags, free_port, kill_all, listing, process_tree, run, start,
-                      torchrun_cmd, train_cmd, wait_for_line)
+from conftest import (HERE, contents, ddp_flags, free_port, kill_all, listing, process_tree, run, start, torchrun_cmd,
+                      train_cmd, wait_for_line)
 
 
 def test_a_second_trainer_on_the_same_out_dir_is_refused(tmp_path, dataset, capsys):

@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from conftest import assert_identical, checkpoint, run, state_at, tensors
+import checkpoint
+from conftest import assert_identical, run, state_at, tensors
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -14,11 +14,12 @@ import sys
 
 import pytest
 
+import checkpoint
 import export
 import plot
 import sample
 from configurator import ConfigError, run_config_file
-from conftest import CHAR_META, HERE, checkpoint, files_and_mtimes, run, samples, save_checkpoint
+from conftest import CHAR_META, HERE, files_and_mtimes, run, samples, save_checkpoint
 
 
 def test_sample_from_a_chosen_step(tmp_path, dataset, capsys):

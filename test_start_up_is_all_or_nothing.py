@@ -18,10 +18,11 @@ import signal
 
 import pytest
 
+import checkpoint
 import housekeeping
 import train
 from configurator import ConfigError
-from conftest import TINY, assert_identical, checkpoint, contents, listing, run, state_at
+from conftest import TINY, assert_identical, contents, listing, run, state_at
 
 
 TIMING = ("time", "ms_per_step", "tokens_per_s", "mfu")  # what differs between two runs computing the same steps

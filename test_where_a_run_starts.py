@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import char_dataset  # in data/: conftest.py puts that folder on sys.path
+import checkpoint
 import model
 import outdir
 import train
 from configurator import ConfigError
-from conftest import assert_identical, checkpoint, files_and_mtimes, run, state_at
+from conftest import assert_identical, files_and_mtimes, run, state_at
 
 
 def test_newest_is_resumed_by_default(tmp_path, dataset, capsys):
