@@ -72,6 +72,7 @@ def samples(capsys, *args):
 
 # --- nanoGPT's character-level ckpt.pt --------------------------------------------------------------------------
 
+@pytest.mark.parity
 def test_a_nanogpt_character_checkpoint_samples_and_exports_with_its_meta_pkl(tmp_path, capsys, monkeypatch):
     """nanoGPT's layout: data/<dataset>/meta.pkl beside out-<run>/ckpt.pt. sample.py and export.py find the meta.pkl
     from the checkpoint's config, relative to the current folder or to the checkpoint's folder, say which one they
@@ -123,6 +124,7 @@ def test_a_nanogpt_character_checkpoint_samples_and_exports_with_its_meta_pkl(tm
     assert "--dataset=" in str(e.value) and not (tmp_path / "hf2").exists()
 
 
+@pytest.mark.parity
 def test_each_way_a_nanogpt_vocabulary_is_not_found_is_one_line_that_says_what_to_pass(tmp_path, capsys):
     model = tiny_model()
     no_name = nanogpt_ckpt(tmp_path / "no-name", model, {"batch_size": 12})  # a config naming no dataset
@@ -159,6 +161,7 @@ def test_each_way_a_nanogpt_vocabulary_is_not_found_is_one_line_that_says_what_t
 
 # --- a folder nanoGPT prepared is only read ----------------------------------------------------------------------
 
+@pytest.mark.parity
 def test_reading_a_nanogpt_data_folder_writes_nothing_in_it(tmp_path, monkeypatch):
     """train.bin, val.bin and meta.pkl (characters), or with no meta and nanoGPT's own prepare.py beside them (its
     OpenWebText): training and resuming on them leave every file byte for byte and mtime as it was, add none, and
@@ -197,6 +200,7 @@ def test_reading_a_nanogpt_data_folder_writes_nothing_in_it(tmp_path, monkeypatc
             run(out, str(folder), "--max_iters=6", *flags)
 
 
+@pytest.mark.parity
 def test_a_half_made_nanogpt_folder_is_not_prepared_by_its_own_prepare_py(tmp_path):
     """nanoGPT's prepare.py writes no meta.json: it is never run here (its OpenWebText's takes hours), and the
     error names what is missing and the script to run by hand; nothing is added to the folder."""
@@ -338,6 +342,7 @@ def test_what_sample_export_and_plot_print_on_a_real_run_is_what_they_did(tmp_pa
     assert f"{lines - 1}, {lines}:" in done.stderr
 
 
+@pytest.mark.parity
 def test_a_nanogpt_checkpoint_as_init_from_is_not_said_to_have_another_vocabulary(tmp_path, dataset, capsys):
     """Its vocabulary is in meta.pkl, which train.py does not read: the run says it cannot check it, not that it
     differs."""

@@ -111,7 +111,7 @@ def check_config(cfg, world_size, local_rank):
     vocab_size = cfg["vocab_size"]
     if not (vocab_size is None or type(vocab_size) is int and vocab_size > 0):
         raise ConfigError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
-    if cfg["compile"] not in (None, True, False):
+    if cfg["compile"] is not None and not isinstance(cfg["compile"], bool):  # 1 == True, yet no bool
         raise ConfigError(f"compile must be None, True or False, got {cfg['compile']!r}")
     check_device(cfg["device"], cfg["dtype"], local_rank)
 
