@@ -66,8 +66,9 @@ def test_a_missed_check_fails_the_script(tmp_path, capsys):
         os.makedirs(tmp_path / name)
         return checkpoint.save(str(tmp_path / name), 1, state)
 
-    def flip_a_bit(state):
-        state["optimizer"]["state"][0]["exp_avg"].view(torch.int16).view(-1)[7] ^= 1
+    def flip_a_bit(state):  # in the first optimizer state tensor, whatever the optimizer calls it
+        first = next(t for t in state["optimizer"]["state"][0].values() if t.dim() > 0)
+        first.view(torch.int16).view(-1)[7] ^= 1
 
     same = copy("same")
     near = copy("near", lambda s: s["model"]["transformer.wte.weight"].add_(1e-3))
@@ -87,5 +88,5 @@ def test_a_missed_check_fails_the_script(tmp_path, capsys):
     rows = done.stdout.splitlines()
     assert len(rows) == 8, done.stdout
     assert all(" ok " in row for row in rows[:3]) and all(" MISSED " in row for row in rows[3:]), done.stdout
-    assert "optimizer.state.0.exp_avg" in rows[3] and "scaler.scale" in rows[4], done.stdout
+    assert "optimizer.state.0." in rows[3] and "scaler.scale" in rows[4], done.stdout
     assert "ckpt_0000001.pt" in rows[7], done.stdout

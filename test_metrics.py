@@ -12,10 +12,9 @@ from conftest import read_metrics, run, state_at
 def test_metrics_are_the_history_of_the_live_timeline(tmp_path, dataset):
     run(tmp_path, dataset, "--max_iters=20", "--checkpoint_interval=10", "--log_interval=5", "--eval_interval=10")
     lines = read_metrics(tmp_path)
-    assert [(m["step"], sorted(m)) for m in lines[:3]] == [
-        (0, ["event", "step", "time"]),
-        (5, ["loss", "lr", "mfu", "ms_per_step", "step", "time", "tokens", "tokens_per_s"]),
-        (10, ["loss", "lr", "mfu", "ms_per_step", "step", "time", "tokens", "tokens_per_s"])]
+    assert [m["step"] for m in lines[:3]] == [0, 5, 10] and lines[0]["event"] == "start"
+    for m in lines[1:3]:  # what plot.py and wandb read; a fork may log more
+        assert {"loss", "lr", "ms_per_step", "tokens", "tokens_per_s"} <= set(m), m
     assert [m["step"] for m in lines if "val_loss" in m] == [10, 20] and lines[2]["tokens"] == 10 * 4 * 16
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 21, "loss": 2.')  # a crash cut the last line short
