@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.utils.serialization import config as torch_save_config
 
-import sharded
 from hf_gpt2 import from_nanogpt
 from model import GPT, SHAPE_KEYS, GPTConfig
 
@@ -165,7 +164,11 @@ def load(path, whole=True, checked=False):
     checked=True skips their CRC32s (rank 0 just checked them: the other ranks of a job would read it all again)."""
     try:
         folder = os.path.isdir(path)
-        file = os.path.join(path, sharded.RUN_NAME) if folder else path
+        if folder:  # a sharded run's: DCP's modules take seconds to import, which a file never needs
+            import sharded
+            file = os.path.join(path, sharded.RUN_NAME)
+        else:
+            file = path
         problem = verify(file)
         if problem is None:
             # mmap: tensors come straight from the page cache the check just filled, copy-on-write

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 
@@ -187,6 +186,12 @@ class GPT(nn.Module):
 # where it lies whole (FSDP2 shards along rows), then every row's sum in sorted order, which no layout changes.
 
 
+def is_shard(tensor):
+    """Whether tensor is a DTensor, a rank's shard of a whole one (FSDP2's). Asked of its device_mesh, which a
+    DTensor alone has: importing torch.distributed.tensor takes seconds that an unsharded run would pay for nothing."""
+    return hasattr(tensor, "device_mesh")
+
+
 def grad_norm(params):
     """The L2 norm of all the gradients of params (FSDP2's DTensors or plain tensors), the same to the last bit in
     every layout. Unsharded, it is the same computation."""
@@ -194,7 +199,7 @@ def grad_norm(params):
     mesh = None
     for p in params:
         grad = p.grad
-        if isinstance(grad, DTensor):
+        if is_shard(grad):
             mesh = grad.device_mesh
             grad = grad.to_local()
         squares = grad.detach().float().square()
@@ -227,7 +232,7 @@ def clip_grad_norm(params, max_norm):
     norm = grad_norm(params)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in params:
-        if isinstance(p.grad, DTensor):
+        if is_shard(p.grad):
             p.grad.to_local().mul_(scale)
         else:
             p.grad.mul_(scale)

@@ -27,12 +27,11 @@ import torch.distributed as dist
 
 import checkpoint
 import housekeeping
-import sharded
 from configurator import ConfigError
 from device import join_job
 from hf_gpt2 import GPT2_HUB_NAMES, load_hf_gpt2
 from logs import Metrics, Pace, metrics_path, start_wandb
-from model import SHAPE_KEYS
+from model import SHAPE_KEYS, is_shard
 from saver import Saver
 from stops import StopSignals
 
@@ -397,6 +396,9 @@ def load_optimizer(model, optimizer, scaler, state):
     names both, and the ways on; nothing is loaded."""
     saved = state["optimizer"]
     step = state["step"]
+    sharded_model = any(is_shard(p) for p in model.parameters())
+    if "shards" in state or sharded_model:
+        import sharded  # a sharded run's alone: DCP's modules take seconds to import
     if "shards" in state:  # a folder: its weights are read below, with the optimizer's state
         misfit = checkpoint.misfit(model.state_dict(), sharded.saved_weights(state["shards"]))
         if misfit is not None:
@@ -417,7 +419,7 @@ def load_optimizer(model, optimizer, scaler, state):
                                          f"its weights alone, with a fresh optimizer")
     if "shards" in state:  # a folder: each rank reads its shards of every tensor
         sharded.load_shards(model, optimizer, state["shards"], saved["param_groups"])
-    elif sharded.is_sharded(model):  # a file's whole state: each rank keeps its shard of every tensor
+    elif sharded_model:  # a file's whole state: each rank keeps its shard of every tensor
         sharded.load_whole_optimizer(optimizer, saved)
     else:
         optimizer.load_state_dict(saved)

@@ -13,10 +13,8 @@ from threading import Event
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 import checkpoint
-import sharded
 
 
 def snapshot(state, buffers=None):
@@ -72,6 +70,7 @@ def publish_folder(out_dir, step, written, info, keep_last, keep_every, protect,
     """Once every rank's DCP files are in ckpt_<step>.tmp (`written`, DCP's future, done), rank 0 completes the
     folder: run.pt records the run and each file's CRC32 (save fsyncs it and the folder), then the folder takes its
     final name; then prune. A second Ctrl-C meanwhile deletes the folder instead."""
+    import sharded  # a sharded run's alone: DCP's modules take seconds to import
     written.result()
     final = checkpoint.path_for(out_dir, step, folder=True)
     tmp = final + checkpoint.TMP_SUFFIX
@@ -125,6 +124,8 @@ class Saver:
             self.in_flight = self.thread.submit(publish, self.out_dir, step, host, self.keep_last,
                                                 self.keep_every, protect, self.cancel, self.guard)
         else:  # every rank: DCP's own thread writes this rank's shards
+            import torch.distributed.checkpoint as dcp  # a sharded run's alone: it takes seconds to import
+            import sharded
             tmp = checkpoint.path_for(self.out_dir, step, folder=True) + checkpoint.TMP_SUFFIX
             written = dcp.async_save(sharded.tensors_of(state), checkpoint_id=tmp, process_group=self.group)
             if self.master:  # then rank 0 completes the folder

@@ -148,11 +148,6 @@ def _params(optimizer):
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def is_sharded(model):
-    """Whether model's parameters are FSDP2's DTensors, each rank holding its shard."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def saved_weights(folder):
     """{name: shape} of the model's tensors in a folder, read from its .metadata alone."""
     shapes = {}

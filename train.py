@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import outdir
-import sharded
 from configurator import ConfigError, check_ranges, parse
 from dataset import EVAL_STREAM, TRAIN_STREAM, batch_starts, get_batch, load_dataset, micro_seed, model_vocab_size
 from device import check_device, peak_flops, setup_runtime
@@ -154,6 +153,7 @@ def build_model(cfg, model_args, device, dtype, weights, weights_from, shard_gro
         outdir.load_weights(model, weights, weights_from)
     model.to(device)
     if shard_group is not None:  # FSDP2: each rank keeps 1/N of the weights, of their gradients, of AdamW's state
+        import sharded  # only a sharded run pays the seconds its modules take to import
         sharded.shard(model, shard_group, device.type, dtype)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                            device.type)
