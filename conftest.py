@@ -236,11 +236,19 @@ def thread_states(pid):
     return states
 
 
-def worker_with_rank(torchrun_pid, rank):
-    for pid in children(torchrun_pid):
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            if f"\0RANK={rank}\0".encode() in b"\0" + f.read():
-                return pid
+def worker_with_rank(torchrun_pid, rank, timeout=30):
+    """The pid of torchrun's worker of `rank`, waiting for it while torchrun (re)starts its workers; a worker
+    that exits meanwhile is passed over."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in children(torchrun_pid):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if f"\0RANK={rank}\0".encode() in b"\0" + f.read():
+                        return pid
+            except OSError:  # gone: a worker of the start that just failed
+                continue
+        time.sleep(0.05)
     raise AssertionError(f"no worker of rank {rank}")
 
 

@@ -63,8 +63,36 @@ def test_a_restart_brings_a_killed_job_back_to_the_end_of_an_unbroken_run(tmp_pa
         text = "".join(seen) + proc.stdout.read()
         assert proc.wait(timeout=120) == 0, text[-3000:]
     assert int(re.search(r"resuming from step (\d+)", text).group(1)) >= 10, text[-3000:]
+    assert "Traceback" not in text and "lost the job's other ranks" in text, text[-3000:]  # one line, no gloo
     run(unbroken, dataset, *flags, "--gradient_accumulation_steps=2")
     assert_identical(*(checkpoint.load(checkpoint.path_for(str(d), 100)) for d in (out, unbroken)))
+
+
+def test_two_failures_in_a_row_still_end_as_an_unbroken_run_and_each_is_one_line(tmp_path, dataset):
+    """kill -9 rank 1 mid-run, then rank 1 of the restart while it starts up: with --max-restarts=2 the job
+    still ends with the weights and AdamW state of an unbroken run, and each lost peer is said in one line, never a
+    gloo traceback."""
+    out = tmp_path / "out"
+    unbroken = tmp_path / "unbroken"
+    flags = ["--max_iters=60", "--checkpoint_interval=10"]
+    kills = 0
+    with torchrun(*flags, f"--dataset={dataset}", f"--out_dir={out}", restarts=2) as proc:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if kills == 0 and line.startswith("saved"):
+                os.kill(worker_with_rank(proc.pid, 1), signal.SIGKILL)
+                kills = 1
+            elif kills == 1 and "lost the job's other ranks" in line:
+                time.sleep(1.0)  # torchrun is starting the workers anew
+                os.kill(worker_with_rank(proc.pid, 1), signal.SIGKILL)
+                kills = 2
+        assert proc.wait(timeout=180) == 0, "".join(seen)[-3000:]
+    text = "".join(seen)
+    assert kills == 2 and "Traceback" not in text and "GLHF" not in text, text[-3000:]
+    assert re.search(r"error: rank 0 lost the job's other ranks \(", text), text[-3000:]
+    run(unbroken, dataset, *flags, "--gradient_accumulation_steps=2")
+    assert_identical(*(checkpoint.load(checkpoint.path_for(str(d), 60)) for d in (out, unbroken)))
 
 
 def test_a_restart_resumes_the_newest_step_not_a_rewind_again(tmp_path, dataset, monkeypatch, capsys):
