@@ -107,7 +107,7 @@ class Store:
         with self.errors("cannot use"):
             self.client = session.client("s3", config=config)
             self.credentials = session.get_credentials()
-        self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=8)
+        self.transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=16 << 20, max_concurrency=4)
         self.stopping, self.said = threading.Event(), threading.Lock()  # stopping: no more retries
         self.warned, self.recovered = None, 0.0  # when the outage now going on was said, and when the last ended
 
