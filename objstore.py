@@ -150,7 +150,8 @@ class Store:
                     if self.warned is None and attempt >= self.recovered:
                         self.warned = time.monotonic()
                         self.log(f"warning: {self.url}: {self.line(e)}; retrying for up to {self.give_up_s:.0f} s")
-                self.stopping.wait(delay)
+                if self.stopping.wait(delay):  # closing: no more tries
+                    raise
                 delay = min(2 * delay, 30.0)
                 continue
             with self.said:

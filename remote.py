@@ -134,6 +134,10 @@ class Mirror:
         os.replace(tmp, final)
         checkpoint.fsync_dir(self.staging)
 
+    def rewinding(self, step):
+        """Whether the bucket holds steps past `step` (opened sets them aside): a rewind, for wandb's run too."""
+        return any(s > step for s in self.remote)
+
     def opened(self, step, abandoned=None, protect=()):
         """Once the staging folder is the run's (outdir.open_out_dir: cleaned, rewound to `step`): start mirroring.
         The bucket first: a killed run's leftovers removed, its steps past `step` moved into abandoned-<time>/
@@ -160,22 +164,20 @@ class Mirror:
 
     def close(self, wait=True):
         """Wait for the uploads (wait=False: abandon them), then let go of the lock: freed when all is in the
-        bucket, else left to lapse, so that the next run of this machine takes it at once and uploads the rest."""
-        if self.thread is not None:
-            if wait:
-                self.tasks.put((self.put_metrics,))
-            self.tasks.put(None)
-            try:
-                if wait:
-                    self.thread.join()
-            except KeyboardInterrupt:
-                wait = False
-                raise
-            finally:
-                self.store.stopping.set()
-                self.lock.release(free=wait and self.failed is None and self.lock.lost is None)
-        else:
-            self.lock.release(free=True)
+        bucket, else left to lapse, so that the next run of this machine takes it at once and uploads the rest. The
+        lock is written once, without retries: a store that does not answer then has the lock lapse."""
+        if self.thread is not None and wait:
+            self.tasks.put((self.put_metrics,))
+        self.tasks.put(None)
+        try:
+            if self.thread is not None and wait:
+                self.thread.join()
+        except KeyboardInterrupt:
+            wait = False
+            raise
+        finally:
+            self.store.stopping.set()
+            self.lock.release(free=wait and self.failed is None and self.lock.lost is None)
 
     def __enter__(self):
         return self

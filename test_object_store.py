@@ -17,6 +17,7 @@ process too, optionally slowed down) is killed and started again: the store stay
 """
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -45,7 +46,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SECRET, TOKEN = "SECRETSECRET123", "TOKENTOKEN456"  # fake, and recognisable wherever they would leak
 PROXY = r"""
 import socket, sys, threading, time
-listen, target, rate = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])  # rate: bytes/s a way, 0: no limit
+listen, target = int(sys.argv[1]), int(sys.argv[2])
+rate = float(sys.argv[3])  # bytes/s each way, 0: no limit
 server = socket.create_server(("127.0.0.1", listen))
 def pipe(a, b):
     try:
@@ -99,7 +101,8 @@ class Proxy:
     """A TCP proxy to the server, a process of its own: stop() is the store going away, start() it coming back."""
 
     def __init__(self, target, rate=0):
-        self.port, self.target, self.rate, self.proc = free_port(), target, rate, None
+        self.port, self.target = free_port(), target
+        self.rate, self.proc = rate, None
 
     def start(self):
         self.proc = subprocess.Popen([sys.executable, "-c", PROXY, str(self.port), str(self.target), str(self.rate)],
@@ -166,6 +169,13 @@ def save_folder(out_dir, step, n=16):
     return tmp[:-len(checkpoint.TMP_SUFFIX)]
 
 
+def until(done, seconds=20):
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "waited in vain"
+        time.sleep(0.05)
+
+
 def record(out_dir, step, **fields):
     with open(metrics_path(out_dir), "a") as f:
         f.write(json.dumps({"step": step, **fields}) + "\n")
@@ -213,6 +223,21 @@ def test_without_boto3_a_url_is_one_line_naming_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "boto3", None)
     with pytest.raises(ConfigError, match="pip install boto3"):
         objstore.Store("s3://bkt/x")
+
+
+def test_the_bucket_keeps_what_retention_keeps_on_disk(tmp_path):
+    """remote.doomed, the bucket's retention, chooses as checkpoint.prune does on a folder of the same steps."""
+    rng = random.Random(0)
+    for case in range(200):
+        steps = sorted(rng.sample(range(1, 60), rng.randint(0, 8)))
+        keep_last, keep_every = rng.randint(0, 4), rng.choice([0, 5, 20])
+        protect = rng.sample(range(1, 60), 2)
+        folder = tmp_path / str(case)
+        folder.mkdir()
+        for step in steps:
+            open(checkpoint.path_for(str(folder), step, folder=False), "wb").close()
+        assert remote.doomed(steps, keep_last, keep_every, protect) == checkpoint.prune(str(folder), keep_last,
+                                                                                         keep_every, protect)
 
 
 def test_a_run_goes_up_and_a_fresh_disk_resumes_its_newest_step_exactly(s3, tmp_path, monkeypatch):
@@ -368,25 +393,27 @@ def test_one_run_per_prefix_whoever_holds_it(s3):
 
 
 def test_the_store_lost_mid_upload_and_back_is_retried_and_said_once(s3, monkeypatch):
-    proxy = Proxy(s3.port, rate=8e6)
+    proxy = Proxy(s3.port, rate=2e6)
     proxy.start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     lines = []
     mirror, _ = start(s3.url, log=lines.append, give_up_s=30, lease_s=30)
     mirror.store.transfer.multipart_threshold = 5 << 20
     mirror.store.transfer.multipart_chunksize = 5 << 20
-    train(mirror, [10], n=3 << 20)  # 12 MB: three parts, at 8 MB/s
+    train(mirror, [10], n=3 << 19)  # 12 MB: parts of 5 MB, each at 2 MB/s
     time.sleep(0.5)
     proxy.stop()
-    time.sleep(1.5)
+    time.sleep(1.0)
     proxy.start()
     mirror.close()
+    proxy.stop()
     mirror.check()
     assert len([line for line in lines if "retrying" in line]) == 1, lines
+    assert len([line for line in lines if "answers again" in line]) == 1, lines
     assert "ckpt_0000010.pt" in s3.keys() and lock_record(s3)["state"] == "free"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{s3.port}")
     step, loaded = objstore.find_to_read(s3.url, -1, "sample from")
-    assert step == 10 and equal(loaded, state(10, 3 << 20))
-    proxy.stop()
+    assert step == 10 and equal(loaded, state(10, 3 << 19))
 
 
 def test_the_store_lost_past_the_budget_stops_the_run_in_one_line(s3, monkeypatch):
@@ -396,8 +423,7 @@ def test_the_store_lost_past_the_budget_stops_the_run_in_one_line(s3, monkeypatc
     lines = []
     mirror, _ = start(s3.url, log=lines.append, give_up_s=2.5)
     train(mirror, [10])
-    while "ckpt_0000010.pt" not in s3.keys():
-        time.sleep(0.05)
+    until(lambda: "ckpt_0000010.pt" in s3.keys())
     proxy.stop()
     train(mirror, [20])
     deadline = time.monotonic() + 20
@@ -428,13 +454,13 @@ while "ckpt_0000010.pt" not in mirror.store.listing():
 mirror.store.transfer.multipart_threshold = 5 << 20
 mirror.store.transfer.multipart_chunksize = 5 << 20
 print("uploading", flush=True)
-t.train(mirror, [20], n=3 << 20)
+t.train(mirror, [20], n=3 << 19)
 time.sleep(60)
 """
 
 
 def test_kill_9_mid_upload_loses_only_the_steps_since_the_last_whole_one(s3, tmp_path, monkeypatch):
-    proxy = Proxy(s3.port, rate=4e6)  # 12 MB at 4 MB/s: killed well before it is up
+    proxy = Proxy(s3.port, rate=1e6)  # parts of 5 MB at 1 MB/s each: killed well before it is up
     proxy.start()
     writer = subprocess.Popen([sys.executable, "-c", WRITER, s3.url], stdout=subprocess.PIPE, cwd=HERE,
                               env=os.environ | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"})
@@ -454,7 +480,7 @@ def test_kill_9_mid_upload_loses_only_the_steps_since_the_last_whole_one(s3, tmp
     assert not s3.client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads")
     monkeypatch.setenv("GPT_RESUME_CACHE", str(tmp_path / "reader"))
     step, loaded = objstore.find_to_read(s3.url, -1, "sample from")
-    assert step == 20 and equal(loaded, state(20, 3 << 20))
+    assert step == 20 and equal(loaded, state(20, 3 << 19))
 
 
 def test_a_staging_folder_another_run_has_moved_past_is_set_aside(s3, tmp_path, monkeypatch):
