@@ -43,15 +43,15 @@ def parse(url):
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
     parts = prefix.split("/") if prefix else []
-    odd = [p for p in parts if p in ("", ".", "..") or p.startswith("abandoned-")
+    odd = [p for p in parts if p in ("", ".", "..") or p.startswith("abandoned-") or "?" in p or "#" in p
            or checkpoint.CKPT_NAME.fullmatch(p.removesuffix(checkpoint.TMP_SUFFIX))]
     problem = ("only s3:// object-store URLs are supported" if scheme != "s3" else
                "credentials do not belong in the URL: the environment or AWS config files give them" if "@" in bucket
                else f"{bucket!r} is no bucket name (3 to 63 lowercase letters, digits, dots and hyphens)"
                if not BUCKET.fullmatch(bucket) else
-               f"the prefix may not have a part {odd[0]!r}: it would read as a run's own file" if odd else None)
+               f"the prefix may not have a part {odd[0]!r}" if odd else None)
     if problem:
-        raise ConfigError(f"out_dir {scrub(url)}: {problem}")
+        raise ConfigError(scrub(f"out_dir {url}: {problem}"))
     return bucket, prefix
 
 
