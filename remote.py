@@ -7,9 +7,9 @@ counts in the bucket only once it is whole there (steps_in). Retention runs on t
 so an older step goes only once a newer one is up; a rewind copies the newer steps into abandoned-<time>/ and deletes
 them only once every copy is complete. On an empty disk the bucket decides what to resume (Mirror.prepare): the step
 is downloaded under its temporary name, its CRC32s checked, then renamed; a damaged one is never loaded, an older one
-is tried. The lock (objlock.py) keeps one run per prefix.
-The trainer's calls, in order: Mirror(...) (it takes the lock),
-prepare, opened once the run's folder is ready, published, metrics_changed and check as the loop goes, close.
+is tried. The lock (objlock.py) keeps one run per prefix. The trainer's calls, in order: Mirror(...) (it takes
+the lock), prepare, opened once the run's folder is ready, published, metrics_changed and check as the loop goes,
+close (or leaving it as a context manager).
 """
 import os
 import re
