@@ -29,6 +29,7 @@ from model import GPT, SHAPE_KEYS, GPTConfig
 
 CKPT_NAME = re.compile(r"ckpt_(\d{7,})(\.pt)?")  # a file, or a sharded run's folder
 TMP_SUFFIX = ".tmp"
+RUN_NAME = "run.pt"  # in a sharded run's folder: all but the tensors, and the CRC32 of every other file
 NANOGPT_NAME = "ckpt.pt"  # nanoGPT's one checkpoint file in its out_dir: init_from reads it, nothing resumes it
 _checkers = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # zlib.crc32 releases the GIL
 
@@ -53,6 +54,11 @@ def path_for(out_dir, step, folder=None):
     """Step's checkpoint: the file ckpt_<step>.pt or the folder ckpt_<step>; folder=None: the one out_dir holds."""
     base = os.path.join(out_dir, f"ckpt_{step:07d}")
     return base if (os.path.isdir(base) if folder is None else folder) else base + ".pt"
+
+
+def is_url(out_dir):
+    """Whether out_dir is an object store's URL (s3://bucket/prefix, objstore.py's), not a folder."""
+    return re.match(r"[a-z][a-z0-9+.-]*://", out_dir) is not None
 
 
 def list_steps(out_dir):
@@ -166,7 +172,7 @@ def load(path, whole=True, checked=False):
         folder = os.path.isdir(path)
         if folder:  # a sharded run's: DCP's modules take seconds to import, which a file never needs
             import sharded
-            file = os.path.join(path, sharded.RUN_NAME)
+            file = os.path.join(path, RUN_NAME)
         else:
             file = path
         problem = verify(file)
@@ -298,6 +304,9 @@ def find_to_read(out_dir, requested, reader):
     step N; `reader` says what the script does with it ("sample from"), for the error when there is none."""
     if requested < -1 or requested == 0:
         raise CheckpointError(f"from_checkpoint_step must be -1 (newest) or a step, got {requested}")
+    if is_url(out_dir):  # a bucket's: downloaded into a read cache of its own, never a live run's folder
+        import objstore
+        return objstore.find_to_read(out_dir, requested, reader)
     step, state = find(out_dir, requested, lambda m: print(m, file=sys.stderr)) if list_steps(out_dir) else (0, None)
     if state is None:
         raise CheckpointError(f"no checkpoint to {reader} in {out_dir}{similar_run(out_dir)}")
@@ -393,6 +402,9 @@ if __name__ == "__main__":  # exit 0: every checkpoint verifies (or the file is 
     if args in (["--help"], ["-h"]):
         sys.exit(print(usage))
     try:
+        if len(args) == 1 and is_url(args[0]):  # a bucket's: listed from a local copy of every step
+            import objstore
+            args = [objstore.local_copy(args[0])]
         if not (len(args) == 1 and os.path.isdir(args[0]) or len(args) == 2 and os.path.exists(args[0])):
             raise CheckpointError(f"{' '.join(args) or 'nothing'}: not an out_dir, nor a checkpoint and a new file")
         text, all_ok = (to_file(*args), True) if len(args) == 2 else describe(args[0])

@@ -19,7 +19,6 @@ import time
 import uuid
 
 import checkpoint
-import sharded
 from configurator import ConfigError
 
 GIVE_UP_S = 600.0  # how long an unreachable store is retried before the run stops
@@ -34,7 +33,7 @@ TRANSIENT_CODES = ("SlowDown", "RequestTimeout", "Throttling", "ThrottlingExcept
 
 
 def is_remote(out_dir):
-    return isinstance(out_dir, str) and re.match(r"[a-z][a-z0-9+.-]*://", out_dir) is not None
+    return isinstance(out_dir, str) and checkpoint.is_url(out_dir)
 
 
 def parse(url):
@@ -229,7 +228,7 @@ def objects(listing, step, kind):
     name = os.path.basename(checkpoint.path_for("", step, kind == "folder"))
     if kind == "file":
         return [name]
-    return sorted((n for n in listing if n.startswith(name + "/")), key=lambda n: n.endswith("/" + sharded.RUN_NAME))
+    return sorted((n for n in listing if n.startswith(name + "/")), key=lambda n: n.endswith("/" + checkpoint.RUN_NAME))
 
 
 def remove(path):

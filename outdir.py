@@ -27,6 +27,8 @@ import torch.distributed as dist
 
 import checkpoint
 import housekeeping
+import objstore
+import remote
 from configurator import ConfigError
 from device import join_job
 from hf_gpt2 import GPT2_HUB_NAMES, load_hf_gpt2
@@ -49,6 +51,10 @@ class Run:
         self.master = not self.ddp or int(os.environ["RANK"]) == 0  # rank 0 alone writes out_dir
         self.cleanup = ExitStack()  # whatever ends the run, an error or Ctrl-C too, undoes what it set up
         self.start_step = 0
+        # where the run's files are written: out_dir itself, or for a bucket's URL a local staging folder that
+        # the mirror (remote.py, rank 0's) uploads in the background
+        self.out_dir = cfg["out_dir"]
+        self.mirror = None
         self.lock_file = None
         self.resumed_config = None
         # the run's own records, kept in every checkpoint: where step 0's weights came from, the step with the
@@ -92,7 +98,12 @@ class Run:
         if cfg["from_checkpoint_step"] < -1:
             raise ConfigError(f"from_checkpoint_step must be -1 (newest), 0 (fresh) or a step, "
                               f"got {cfg['from_checkpoint_step']}")
-        housekeeping.check_out_dir(cfg)
+        if objstore.is_remote(cfg["out_dir"]):
+            objstore.Store(cfg["out_dir"])  # a malformed URL, or boto3 missing: one line, before anything
+            self.out_dir = objstore.staging_dir(cfg["out_dir"])
+            self.stops.out_dir = self.out_dir
+        else:
+            housekeeping.check_out_dir(cfg)
         if self.ddp:
             check_one_config(cfg)
         # a sharded run's ranks each read their shards of a folder later, in load_optimizer
@@ -112,7 +123,7 @@ class Run:
             raise checkpoint.CheckpointError(choice["error"])
         self.start_step = choice["step"]
         if self.start_step and state is None:  # another rank: rank 0 has checked every file's CRC32
-            path = checkpoint.path_for(cfg["out_dir"], self.start_step)
+            path = checkpoint.path_for(self.out_dir, self.start_step)
             state = checkpoint.load(path, whole, checked=not whole)
         if state is not None:
             continue_run(cfg, self.given, state)
@@ -122,15 +133,22 @@ class Run:
         return state
 
     def choose_checkpoint(self, whole):
-        """Rank 0: lock out_dir (eval_only only reads it) and find the checkpoint to resume."""
+        """Rank 0: lock out_dir (eval_only only reads it) and find the checkpoint to resume. For a bucket's URL,
+        the prefix is locked first, and the step to resume downloaded into the staging folder (remote.py)."""
         cfg = self.cfg
-        if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # a new out_dir is locked as it is made
-            self.lock_file = self.cleanup.enter_context(housekeeping.lock(cfg["out_dir"]))
         requested = cfg["from_checkpoint_step"]
         # restarted by torchrun --max-restarts: the newest step, for rewinding again would undo the progress
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
             requested = -1
-        return checkpoint.find(cfg["out_dir"], requested, print, whole)
+        if objstore.is_remote(cfg["out_dir"]):
+            if cfg["eval_only"]:  # a reader's: the live run's staging folder is never touched
+                return objstore.find_to_read(cfg["out_dir"], requested, "evaluate", print)
+            self.mirror = self.cleanup.enter_context(remote.Mirror(cfg["out_dir"], cfg["keep_last_checkpoints"],
+                                                                   cfg["keep_every"], print))
+            requested = self.mirror.prepare(requested, print)[1]  # 0: nothing to resume there
+        if os.path.isdir(self.out_dir) and not cfg["eval_only"]:  # a new out_dir is locked as it is made
+            self.lock_file = self.cleanup.enter_context(housekeeping.lock(self.out_dir))
+        return checkpoint.find(self.out_dir, requested, print, whole)
 
     def init_weights(self):
         """A fresh start's weights, from init_from (see init_weights); None at a resume or for scratch."""
@@ -172,14 +190,18 @@ class Run:
             self.metrics = self.open_out_dir()
         guard = self.metrics.guard
         # whatever ends the run waits for the save in flight (entered last, so it is left first)
-        self.saver = self.cleanup.enter_context(Saver(self.cfg, guard, self.print, self.sharded, self.master))
+        published = self.mirror.published if self.mirror else None  # uploaded next, in the background
+        self.saver = self.cleanup.enter_context(Saver(self.out_dir, self.cfg, guard, self.print, self.sharded,
+                                                      self.master, published))
         self.pace = Pace(self.cfg, self.print)
         self.stops.vote()  # the ranks' vote on stopping after the first step, while it computes
 
     def open_out_dir(self):
         """Rank 0's part of open(): returns the run's Metrics, whose guard every later write checks first."""
-        out_dir = self.cfg["out_dir"]
+        out_dir = self.out_dir
         rewinding = any(s > self.start_step for s in checkpoint.list_steps(out_dir))
+        if self.mirror:  # the bucket may hold newer steps than the disk
+            rewinding = rewinding or self.mirror.rewinding(self.start_step)
         wandb_run = None
         if self.cfg["wandb_log"]:
             wandb_run = start_wandb(self.cfg, self.records["wandb_run_id"], rewinding, self.print)
@@ -199,6 +221,10 @@ class Run:
             raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
         if abandoned:
             self.print(f"rewinding to step {self.start_step}: moved the newer checkpoints into {abandoned}")
+        if self.mirror:
+            self.mirror.opened(self.start_step, abandoned, [self.start_step])
+            self.print(f"out_dir {self.cfg['out_dir']}: checkpoints are written to {out_dir}, then uploaded "
+                       f"in the background")
         metrics = Metrics(metrics_file, wandb_run, housekeeping.Guard(out_dir, self.lock_file))
         metrics.record(self.start_step, event="resume" if self.start_step else "start")
         return metrics
@@ -206,6 +232,8 @@ class Run:
     def log(self, step, **fields):
         """A line of metrics.jsonl (fsynced: a crash loses no line a checkpoint has) and of wandb, on rank 0."""
         self.metrics.record(step, **fields)
+        if self.mirror:
+            self.mirror.metrics_changed()
 
     def timed(self, what, step):
         """with run.timed("eval", step): the time left counts what it measures, and says first what it will do
@@ -235,6 +263,8 @@ class Run:
         """Whether to stop after `step`, the step just done: a signal (SIGTERM, SIGUSR1, Ctrl-C) has asked, on
         any rank; every rank gets the same answer. Raises the error of a save that failed in the background."""
         self.saver.poll()
+        if self.mirror:  # a store that stays unreachable stops the run here, in one line
+            self.mirror.check()
         stop = self.stops.agreed(step)
         self.stops.vote()  # the vote on the next step runs while it computes
         if stop:

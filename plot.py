@@ -105,7 +105,16 @@ def main(argv):
         print(USAGE, file=sys.stderr)
         sys.exit(2)
     out_dir = rest[0]
-    output = output[0][len("--output="):] if output else os.path.join(out_dir, "loss.png")
+    if "://" in out_dir:  # a bucket's (objstore.py): its metrics files downloaded; the PNG lands in this folder
+        import objstore
+        default_output = "loss.png"
+        try:
+            out_dir = objstore.local_copy(out_dir, steps=[])
+        except (objstore.checkpoint.CheckpointError, objstore.ConfigError) as e:
+            raise PlotError(str(e)) from None
+    else:
+        default_output = os.path.join(out_dir, "loss.png")
+    output = output[0][len("--output="):] if output else default_output
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.isdir(out_dir):
         raise PlotError(f"no folder {out_dir}")

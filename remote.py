@@ -20,7 +20,6 @@ from queue import Queue
 import checkpoint
 import objlock
 import objstore
-import sharded
 from logs import metrics_path
 
 SESSION_NAME = "remote-session"  # in a staging folder: the lock token of the run that last wrote there
@@ -206,7 +205,7 @@ class Mirror:
         name = under + os.path.basename(path)
         if not os.path.isdir(path):
             return self.put(name, path)
-        for file in sorted(os.listdir(path), key=lambda n: n == sharded.RUN_NAME):
+        for file in sorted(os.listdir(path), key=lambda n: n == checkpoint.RUN_NAME):
             self.put(f"{name}/{file}", os.path.join(path, file))
 
     def put_metrics(self):

@@ -83,7 +83,7 @@ def publish_folder(out_dir, step, written, info, keep_last, keep_every, protect,
             raise checkpoint.CheckpointError(f"{tmp} lacks {', '.join(lost)}: a sharded run's out_dir must be one "
                                              f"filesystem that every machine sees")
         checkpoint.save(None, step, info | {"checksums": sharded.checksums(tmp)}, cancel,
-                        path=os.path.join(tmp, sharded.RUN_NAME))
+                        path=os.path.join(tmp, checkpoint.RUN_NAME))
         os.rename(tmp, final)
         checkpoint.fsync_dir(out_dir)
     except checkpoint.SaveCancelled:
@@ -100,8 +100,8 @@ class Saver:
     save raises at the next save(), poll() or finish(). cfg gives out_dir, retention (keep_last_checkpoints,
     keep_every) and async_checkpoint (False: save() returns once the checkpoint is on disk)."""
 
-    def __init__(self, cfg, guard, log=print, sharded=False, master=True):
-        self.out_dir = cfg["out_dir"]
+    def __init__(self, out_dir, cfg, guard, log=print, sharded=False, master=True, published=None):
+        self.out_dir = out_dir
         self.keep_last = cfg["keep_last_checkpoints"]
         self.keep_every = cfg["keep_every"]
         self.wait = not cfg["async_checkpoint"]
@@ -114,6 +114,7 @@ class Saver:
         self.cancel = Event()  # set by a second Ctrl-C: the save in flight is given up
         self.in_flight = None  # the future of the save being written
         self.buffers = {}  # host copies, kept from one save to the next
+        self.published = published  # called on the thread with (path, protect) once a checkpoint is on disk
 
     def save(self, state, protect):
         """Checkpoint state["step"], never pruning the steps in `protect`."""
@@ -121,21 +122,28 @@ class Saver:
         step = state["step"]
         if self.group is None:
             host = snapshot(state, self.buffers)
-            self.in_flight = self.thread.submit(publish, self.out_dir, step, host, self.keep_last,
-                                                self.keep_every, protect, self.cancel, self.guard)
+            self.in_flight = self.thread.submit(self.told, protect, publish, self.out_dir, step, host,
+                                                self.keep_last, self.keep_every, protect, self.cancel, self.guard)
         else:  # every rank: DCP's own thread writes this rank's shards
             import torch.distributed.checkpoint as dcp  # a sharded run's alone: it takes seconds to import
             import sharded
             tmp = checkpoint.path_for(self.out_dir, step, folder=True) + checkpoint.TMP_SUFFIX
             written = dcp.async_save(sharded.tensors_of(state), checkpoint_id=tmp, process_group=self.group)
             if self.master:  # then rank 0 completes the folder
-                self.in_flight = self.thread.submit(publish_folder, self.out_dir, step, written,
+                self.in_flight = self.thread.submit(self.told, protect, publish_folder, self.out_dir, step, written,
                                                     sharded.run_info(state), self.keep_last, self.keep_every,
                                                     protect, self.cancel, self.guard)
             else:
                 self.in_flight = written
         if self.wait:
             self.finish()
+
+    def told(self, protect, write, *args):
+        """write(*args), on the thread; then `published` hears of the checkpoint it put on disk."""
+        path, pruned = write(*args)
+        if self.published is not None:
+            self.published(path, protect)
+        return path, pruned
 
     def poll(self):
         """Report the save in flight if it has ended: a failure stops the run a step after it happened."""

@@ -24,9 +24,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from checkpoint import RUN_NAME
 from configurator import ConfigError
 
-RUN_NAME = "run.pt"  # in each folder: everything but the tensors, and the CRC32 of every other file
 
 
 def shard(model, group, device_type, dtype):

@@ -97,7 +97,8 @@ class StopSignals:
     (SIG_IGN in place of run_main's: the exit code is decided then)."""
 
     def __init__(self, cfg, ddp):
-        self.cfg = cfg  # out_dir and max_iters are read when the run ends: a resume may have changed them
+        self.cfg = cfg  # max_iters is read when the run ends: a resume may have changed it
+        self.out_dir = cfg["out_dir"]  # where the checkpoints are written: outdir.Run sets a bucket's staging folder
         self.ddp = ddp
         self.speak = is_rank_0()
         self.received = []  # (signal number, time) of each signal
@@ -117,7 +118,7 @@ class StopSignals:
         """Whether the run's last checkpoint is on disk under its final name, complete."""
         if self.final is None:
             return False
-        return os.path.exists(checkpoint.path_for(self.cfg["out_dir"], self.final))
+        return os.path.exists(checkpoint.path_for(self.out_dir, self.final))
 
     def on_signal(self, signum, frame):
         now = time.monotonic()

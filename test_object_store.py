@@ -36,13 +36,13 @@ import outdir
 import remote
 import sharded
 from configurator import ConfigError
+from conftest import HERE, TINY, assert_identical, run, state_at
 from logs import metrics_path
 
 boto3 = pytest.importorskip("boto3")
 MOTO = shutil.which("moto_server")
 pytestmark = [pytest.mark.skipif(MOTO is None, reason='needs moto_server: pip install "moto[server]"'),
               pytest.mark.xdist_group("object_store")]  # one worker, one server
-HERE = os.path.dirname(os.path.abspath(__file__))
 SECRET, TOKEN = "SECRETSECRET123", "TOKENTOKEN456"  # fake, and recognisable wherever they would leak
 PROXY = r"""
 import socket, sys, threading, time
@@ -164,7 +164,7 @@ def save_folder(out_dir, step, n=16):
     tmp = checkpoint.path_for(out_dir, step, folder=True) + checkpoint.TMP_SUFFIX
     dcp.save(sharded.tensors_of(state(step, n)), checkpoint_id=tmp, no_dist=True)
     checkpoint.save(None, step, sharded.run_info(state(step, n)) | {"checksums": sharded.checksums(tmp)},
-                    path=os.path.join(tmp, sharded.RUN_NAME))
+                    path=os.path.join(tmp, checkpoint.RUN_NAME))
     os.rename(tmp, tmp[:-len(checkpoint.TMP_SUFFIX)])
     return tmp[:-len(checkpoint.TMP_SUFFIX)]
 
@@ -574,3 +574,51 @@ def test_no_credential_in_any_line_object_or_file(s3, tmp_path, monkeypatch):
     assert all("\n" not in line for line in errors) and "127.0.0.1" in errors[1]
     for line in errors + lines:
         assert SECRET not in line and TOKEN not in line, line
+
+
+# --- train.py, sample.py, checkpoint.py and plot.py on an s3:// out_dir -------------------------------------------
+
+def trainer(url, dataset, *flags, cache=None):
+    """train.py as a process on out_dir=url, with the tiny model; cache: another machine's empty disk."""
+    env = {**os.environ, "GPT_RESUME_CACHE": str(cache)} if cache else None
+    return subprocess.run([sys.executable, "train.py", *TINY, f"--dataset={dataset}", f"--out_dir={url}", *flags],
+                          cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_run_on_a_bucket_resumes_on_an_empty_disk_exactly_and_its_readers_read_it(s3, tmp_path, dataset):
+    """train.py to step 20 on s3://..., then the same command on a machine whose disk is empty resumes step 20
+    from the bucket and ends torch.equal to an unbroken run; a second trainer on the prefix is refused in one line
+    naming the holder; sample.py, checkpoint.py and plot.py read the URL; no secret is printed anywhere."""
+    flags = ["--checkpoint_interval=10", "--keep_last_checkpoints=2"]
+    first = trainer(s3.url, dataset, "--max_iters=20", *flags)
+    assert first.returncode == 0, first.stderr
+    assert "ckpt_0000020.pt" in s3.keys() and "metrics.jsonl" in s3.keys()
+    resumed = trainer(s3.url, dataset, "--max_iters=30", *flags, cache=tmp_path / "empty-disk")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("resuming from step 20"), resumed.stdout
+    unbroken = tmp_path / "unbroken"
+    run(unbroken, dataset, "--max_iters=30", *flags)
+    from_bucket = tmp_path / "from-bucket.pt"
+    from_bucket.write_bytes(s3.read("ckpt_0000030.pt"))
+    assert_identical(checkpoint.load(str(from_bucket)), state_at(unbroken, 30))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, '.'); import remote; "
+                               f"m = remote.Mirror({s3.url!r}, 0, 0); print('held', flush=True); time.sleep(60)"],
+                              cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        second = trainer(s3.url, dataset, "--max_iters=40", *flags, cache=tmp_path / "third-disk")
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert f"pid {holder.pid}" in second.stderr, second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    sampled = subprocess.run([sys.executable, "sample.py", f"--out_dir={s3.url}", "--num_samples=1",
+                              "--max_new_tokens=5", "--device=cpu"], cwd=HERE, capture_output=True, text=True)
+    assert sampled.returncode == 0 and "ckpt_0000030" in sampled.stderr, sampled.stderr
+    listed = subprocess.run([sys.executable, "checkpoint.py", s3.url], cwd=HERE, capture_output=True, text=True)
+    assert listed.returncode == 0 and "30" in listed.stdout and " ok" in listed.stdout, listed.stdout + listed.stderr
+    plotted = subprocess.run([sys.executable, "plot.py", s3.url, f"--output={tmp_path / 'loss.png'}"], cwd=HERE,
+                             capture_output=True, text=True)
+    assert plotted.returncode == 0 and (tmp_path / "loss.png").exists(), plotted.stderr
+    for done in (first, resumed, second, sampled, listed, plotted):
+        assert SECRET not in done.stdout + done.stderr and TOKEN not in done.stdout + done.stderr
