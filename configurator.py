@@ -43,7 +43,8 @@ def parse(spec, argv):
         print(f"usage: python {script} [config.py ...] [--key=value ...]   (applied in order: later wins)\n"
               + help_text(spec))
         sys.exit(0)
-    config, given = dict(defaults), set()
+    config = dict(defaults)
+    given = set()  # the keys a file or a flag set
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
@@ -95,7 +96,8 @@ def run_config_file(path):
 
 
 def _traceback_line(e, path):
-    tb, line = e.__traceback__, "?"
+    tb = e.__traceback__
+    line = "?"
     while tb is not None:
         if tb.tb_frame.f_code.co_filename == path:
             line = tb.tb_lineno

@@ -117,7 +117,8 @@ def join_job(backend="gloo", timeout=dist.default_pg_timeout):
     the keys of the workers that died are in it: under their names, the workers of a restart would read a dead
     rank's address and fail or wait forever (pytorch/pytorch#135712). A run that ends without an exception then
     ends its process in exit_cleanly, after Python's exit functions."""
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
     # torch's env:// store, as init_process_group would make it: a client of the agent's under torchrun
     store = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))[0]
     start = name_this_start(dist.PrefixStore("job-starts", store), rank, world_size, timeout)
@@ -143,7 +144,8 @@ def name_this_start(store, rank, world_size, timeout):
         name = store.get(f"welcome/{me}").decode()  # a key no earlier start can have written
         store.set(f"{name}/ready/{rank}", "")
         return name
-    ready, answered = [f"{me}/ready/{r}" for r in range(1, world_size)], set()
+    ready = [f"{me}/ready/{r}" for r in range(1, world_size)]
+    answered = set()
     deadline = time.monotonic() + timeout.total_seconds()
     while not store.check(ready):
         if time.monotonic() > deadline:

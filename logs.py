@@ -34,7 +34,8 @@ def write_whole(path, lines):
 def split_metrics(out_dir, step):
     """metrics.jsonl's lines (bytes) up to `step` and past it. A line that is no record of ours (a note added by
     hand, bytes that are not UTF-8) is history too: it stays. A last line a crash cut short is dropped."""
-    kept, past = [], []
+    kept = []
+    past = []
     if os.path.exists(metrics_path(out_dir)):
         with open(metrics_path(out_dir), "rb") as f:
             lines = f.readlines()
@@ -45,7 +46,8 @@ def split_metrics(out_dir, step):
             entry = json.loads(line)
             entry_step = entry["step"] if isinstance(entry, dict) and type(entry["step"]) is int else None
         except (ValueError, KeyError):
-            entry, entry_step = None, None
+            entry = None
+            entry_step = None
         if i == len(lines) - 1 and not line.endswith(b"\n"):
             if entry is None and line.startswith(b"{"):
                 continue  # torn by a crash mid-write
@@ -84,7 +86,9 @@ class Metrics:
     wandb drops steps it has seen, so the steps a crash lost and this run computes again are not logged twice."""
 
     def __init__(self, file=None, wandb_run=None, guard=lambda: None):
-        self.file, self.wandb, self.guard = file, wandb_run or NoWandb(), guard
+        self.file = file
+        self.wandb = wandb_run or NoWandb()
+        self.guard = guard  # housekeeping.Guard: out_dir must still be this run's
 
     def record(self, step, **fields):
         if self.file is not None:  # fsynced as checkpoints are: a crash loses no line a checkpoint has
