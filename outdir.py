@@ -18,7 +18,8 @@ no longer load is one line that names the difference; nothing is written before 
 complete or absent, and a failed one stops the run at the next step; a signal saves the step and exits 0.
 
 Behind it: checkpoint.py (the files), saver.py (the background writer), housekeeping.py (the lock, the guard,
-rewinds), logs.py (metrics), stops.py (signals and exit codes), sharded.py (FSDP2 folders), device.py (the job).
+rewinds), logs.py (metrics), stops.py (signals and exit codes), sharded.py (FSDP2 folders), device.py (the job),
+and for out_dir=s3://bucket/prefix remote.py (a local staging folder mirrored to the bucket; objstore.py).
 """
 import os
 from contextlib import ExitStack
