@@ -57,13 +57,24 @@ def path_for(out_dir, step, folder=None):
 
 
 def list_steps(out_dir):
-    """Steps with a published checkpoint in out_dir, oldest first; temporary files never count."""
-    if not os.path.isdir(out_dir):
-        return []
+    """Steps with a published checkpoint in out_dir, oldest first; temporary files never count. A folder that
+    cannot be read is a CheckpointError, never "no checkpoints", from which a resume would start over."""
+    folders = entries(out_dir)
     # canonical names only: ckpt_00000010.pt is no step's file, and a file this trainer never reads
-    return sorted({int(m.group(1)) for m in map(CKPT_NAME.fullmatch, os.listdir(out_dir))
+    return sorted({int(m.group(1)) for m in map(CKPT_NAME.fullmatch, folders)
                    if m and m.group(0) == os.path.basename(path_for(out_dir, int(m.group(1)), not m.group(2)))
-                   and os.path.isdir(os.path.join(out_dir, m.group(0))) == (not m.group(2))})
+                   and folders[m.group(0)] == (not m.group(2))})
+
+
+def entries(out_dir):
+    """{name: whether it is a folder} of what out_dir holds; {} when there is no out_dir."""
+    try:
+        with os.scandir(out_dir) as found:
+            return {entry.name: entry.is_dir() for entry in found}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as e:
+        raise CheckpointError(f"cannot list {out_dir}: {e.strerror}") from None
 
 
 class _Output:
@@ -111,7 +122,10 @@ def save(out_dir, step, state, cancel=None, written=None, path=None):
         fsync_dir(os.path.dirname(path))
     except BaseException as e:
         if ours is not None and same_file(tmp, ours):  # by path: never another run's, in a folder made anew
-            os.remove(tmp)
+            try:
+                os.remove(tmp)
+            except OSError:  # the next start's remove_temporaries deletes it: the error to say is the first
+                pass
         # torch's zip writer may report what failed in write() (a disk error, Ctrl-C, SaveCancelled) as a RuntimeError
         cause = out.error if out and out.error else e
         if isinstance(cause, OSError):
@@ -290,7 +304,7 @@ def similar_run(out_dir):
     parent, name = os.path.split(os.path.normpath(out_dir))
     try:
         runs = [n for n in os.listdir(parent or ".") if n != name and list_steps(os.path.join(parent, n))]
-    except OSError:  # a folder there that cannot be read: no suggestion, the error stands as it is
+    except (OSError, CheckpointError):  # a folder there that cannot be read: no suggestion, the error stands
         runs = []
     close = difflib.get_close_matches(name, runs, n=1)
     return f" (did you mean --out_dir={os.path.join(parent, close[0])}?)" if close else ""
@@ -299,7 +313,11 @@ def similar_run(out_dir):
 def prune(out_dir, keep_last, keep_every, protect=()):
     """After a publish: keep the newest keep_last checkpoints (0 keeps all), every step divisible by keep_every
     (milestones, kept for good), and the steps in protect; delete the rest. abandoned-* folders are not touched."""
-    steps = list_steps(out_dir)
+    try:
+        steps = list_steps(out_dir)
+    except CheckpointError as e:  # as a checkpoint we fail to delete: disk space, not correctness
+        print(f"warning: {e}: retention deletes nothing this time")
+        return []
     if keep_last == 0 or not steps:
         return []
     keep = set(steps[-keep_last:]) | set(protect) | {steps[-1]}
@@ -330,9 +348,10 @@ def _delete(path):
 def describe(out_dir):
     """(a line per checkpoint: step, when written, train/val loss, size, whether it verifies; whether all do)."""
     lines = [f"{'step':>7}  {'written':19}  {'train loss':>10}  {'val loss':>8}  {'size':>10}  status"]
-    origin, names, all_ok = "scratch", sorted(os.listdir(out_dir)), True
+    origin, names, all_ok = "scratch", sorted(entries(out_dir)), True
     for step in list_steps(out_dir):
         path = path_for(out_dir, step)
+        written, size = 0.0, 0
         try:  # a live run may prune this file while we look
             written = os.path.getmtime(path)
             size = sum(e.stat().st_size for e in os.scandir(path)) if os.path.isdir(path) else os.path.getsize(path)
@@ -343,6 +362,8 @@ def describe(out_dir):
             continue
         except CheckpointError as e:
             losses, status, all_ok = (None, None), str(e).split(": ", 1)[-1], False
+        except OSError as e:  # its time or size cannot be read: it cannot be verified either
+            losses, status, all_ok = (None, None), f"cannot read {e.filename}: {e.strerror}", False
         train, val = ("-" if loss is None else f"{loss:.4f}" for loss in losses)
         when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(written))
         lines.append(f"{step:>7}  {when}  {train:>10}  {val:>8}  {size / 1e6:>7.1f} MB  {status}")

@@ -21,7 +21,7 @@ Behind it: checkpoint.py (the files), saver.py (the background writer), folder.p
 rewinds), logs.py (metrics), stops.py (signals and exit codes), sharded.py (FSDP2 folders), device.py (the job).
 """
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import torch.distributed as dist
 
@@ -196,11 +196,12 @@ class Run:
             folder.clean_leftovers(out_dir)
             abandoned = folder.rewind(out_dir, self.start_step)
             metrics_file = self.cleanup.enter_context(open(metrics_path(out_dir), "a"))
+            guard = folder.Guard(out_dir, self.lock_file)
         except OSError as e:
-            raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
+            raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename or out_dir}: {e.strerror}") from None
         if abandoned:
             self.print(f"rewinding to step {self.start_step}: moved the newer checkpoints into {abandoned}")
-        metrics = Metrics(metrics_file, wandb_run, folder.Guard(out_dir, self.lock_file))
+        metrics = Metrics(metrics_file, wandb_run, guard)
         metrics.record(self.start_step, event="resume" if self.start_step else "start")
         return metrics
 
@@ -396,7 +397,8 @@ def load_optimizer(model, optimizer, scaler, state):
     saved = state["optimizer"]
     step = state["step"]
     if "shards" in state:  # a folder: its weights are read below, with the optimizer's state
-        misfit = checkpoint.misfit(model.state_dict(), sharded.saved_weights(state["shards"]))
+        with reading(state["shards"]):
+            misfit = checkpoint.misfit(model.state_dict(), sharded.saved_weights(state["shards"]))
         if misfit is not None:
             raise checkpoint.CheckpointError(f"checkpoint step {step}'s weights do not fit this code's model "
                                              f"({misfit}): {NEW_RUN}")
@@ -414,10 +416,20 @@ def load_optimizer(model, optimizer, scaler, state):
                                          f"optimizer ({problem}): {NEW_RUN}, or init_from=<the checkpoint> for "
                                          f"its weights alone, with a fresh optimizer")
     if "shards" in state:  # a folder: each rank reads its shards of every tensor
-        sharded.load_shards(model, optimizer, state["shards"], saved["param_groups"])
+        with reading(state["shards"]):
+            sharded.load_shards(model, optimizer, state["shards"], saved["param_groups"])
     elif sharded.is_sharded(model):  # a file's whole state: each rank keeps its shard of every tensor
         sharded.load_whole_optimizer(optimizer, saved)
     else:
         optimizer.load_state_dict(saved)
     if scaler.is_enabled() and state.get("scaler"):  # a switch to float16 starts a new scale
         scaler.load_state_dict(state["scaler"])
+
+
+@contextmanager
+def reading(folder):
+    """The ranks reading a folder's shards: a disk's error is one line, as checkpoint.load says it."""
+    try:
+        yield
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"cannot read checkpoint {e.filename or folder}: {e.strerror}") from None

@@ -111,7 +111,10 @@ def main(argv):
         raise PlotError(f"no folder {out_dir}")
     if not os.path.isfile(path):
         raise PlotError(f"no {path} (train.py writes it as it runs)")
-    records, skipped = read_metrics(path)
+    try:
+        records, skipped = read_metrics(path)
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror}") from None
     if skipped:
         print(f"warning: {path}: skipped line{'s' * (len(skipped) > 1)} {', '.join(map(str, skipped[:5]))}"
               f"{' and more' if len(skipped) > 5 else ''}: not a record of train.py's", file=sys.stderr)

@@ -72,10 +72,11 @@ def publish_folder(out_dir, step, written, info, keep_last, keep_every, protect,
     """Once every rank's DCP files are in ckpt_<step>.tmp (`written`, DCP's future, done), rank 0 completes the
     folder: run.pt records the run and each file's CRC32 (save fsyncs it and the folder), then the folder takes its
     final name; then prune. A second Ctrl-C meanwhile deletes the folder instead."""
-    written.result()
     final = checkpoint.path_for(out_dir, step, folder=True)
     tmp = final + checkpoint.TMP_SUFFIX
     try:
+        with sharded.unwrapped():  # every rank's shards, or the error one of them met
+            written.result()
         guard()
         if cancel.is_set():
             raise checkpoint.SaveCancelled()
@@ -148,7 +149,12 @@ class Saver:
         future = self.in_flight
         self.in_flight = None
         if not self.master:  # the shards this rank wrote: rank 0 says what was saved
-            future.result()
+            try:
+                with sharded.unwrapped():
+                    future.result()
+            except OSError as e:
+                raise checkpoint.CheckpointError(f"cannot write checkpoint {e.filename or self.out_dir}: "
+                                                 f"{e.strerror}") from None
             return
         path, pruned = future.result()
         line = f"saved {path}"
