@@ -119,7 +119,7 @@ def save(out_dir, step, state, cancel=None, written=None, path=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path) or ".")
     except BaseException as e:
         if ours is not None and same_file(tmp, ours):  # by path: never another run's, in a folder made anew
             try:

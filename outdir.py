@@ -126,7 +126,7 @@ class Run:
         """Rank 0: lock out_dir (eval_only only reads it) and find the checkpoint to resume."""
         cfg = self.cfg
         if os.path.isdir(cfg["out_dir"]) and not cfg["eval_only"]:  # a new out_dir is locked as it is made
-            self.lock_file = self.cleanup.enter_context(folder.lock(cfg["out_dir"]))
+            self.lock_file = self.cleanup.enter_context(closed_at_exit(folder.lock(cfg["out_dir"])))
         requested = cfg["from_checkpoint_step"]
         # restarted by torchrun --max-restarts: the newest step, for rewinding again would undo the progress
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)):
@@ -189,13 +189,13 @@ class Run:
         try:
             if self.lock_file is None:  # a new out_dir: lock it, and make sure no other run got there first
                 os.makedirs(out_dir, exist_ok=True)
-                self.lock_file = self.cleanup.enter_context(folder.lock(out_dir))
+                self.lock_file = self.cleanup.enter_context(closed_at_exit(folder.lock(out_dir)))
                 if checkpoint.list_steps(out_dir):
                     raise checkpoint.CheckpointError(f"out_dir {out_dir} got checkpoints from another run "
                                                      f"meanwhile")
             folder.clean_leftovers(out_dir)
             abandoned = folder.rewind(out_dir, self.start_step)
-            metrics_file = self.cleanup.enter_context(open(metrics_path(out_dir), "a"))
+            metrics_file = self.cleanup.enter_context(closed_at_exit(open(metrics_path(out_dir), "a")))
             guard = folder.Guard(out_dir, self.lock_file)
         except OSError as e:
             raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename or out_dir}: {e.strerror}") from None
@@ -433,3 +433,16 @@ def reading(folder):
         yield
     except OSError as e:
         raise checkpoint.CheckpointError(f"cannot read checkpoint {e.filename or folder}: {e.strerror}") from None
+
+
+@contextmanager
+def closed_at_exit(f):
+    """f (train.lock, metrics.jsonl), closed as the run ends. Each line of metrics.jsonl was fsynced as it was
+    written, and the lock's line is only for a reader's eyes: an error closing them (EIO) loses nothing."""
+    try:
+        yield f
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass
