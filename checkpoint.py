@@ -62,13 +62,24 @@ def is_url(out_dir):
 
 
 def list_steps(out_dir):
-    """Steps with a published checkpoint in out_dir, oldest first; temporary files never count."""
-    if not os.path.isdir(out_dir):
-        return []
+    """Steps with a published checkpoint in out_dir, oldest first; temporary files never count. A folder that
+    cannot be read is a CheckpointError, never "no checkpoints", from which a resume would start over."""
+    folders = entries(out_dir)
     # canonical names only: ckpt_00000010.pt is no step's file, and a file this trainer never reads
-    return sorted({int(m.group(1)) for m in map(CKPT_NAME.fullmatch, os.listdir(out_dir))
+    return sorted({int(m.group(1)) for m in map(CKPT_NAME.fullmatch, folders)
                    if m and m.group(0) == os.path.basename(path_for(out_dir, int(m.group(1)), not m.group(2)))
-                   and os.path.isdir(os.path.join(out_dir, m.group(0))) == (not m.group(2))})
+                   and folders[m.group(0)] == (not m.group(2))})
+
+
+def entries(out_dir):
+    """{name: whether it is a folder} of what out_dir holds; {} when there is no out_dir."""
+    try:
+        with os.scandir(out_dir) as found:
+            return {entry.name: entry.is_dir() for entry in found}
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as e:
+        raise CheckpointError(f"cannot list {out_dir}: {e.strerror}") from None
 
 
 class _Output:
@@ -113,10 +124,13 @@ def save(out_dir, step, state, cancel=None, written=None, path=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path) or ".")
     except BaseException as e:
         if ours is not None and same_file(tmp, ours):  # by path: never another run's, in a folder made anew
-            os.remove(tmp)
+            try:
+                os.remove(tmp)
+            except OSError:  # the next start's remove_temporaries deletes it: the error to say is the first
+                pass
         # torch's zip writer may report what failed in write() (a disk error, Ctrl-C, SaveCancelled) as a RuntimeError
         cause = out.error if out and out.error else e
         if isinstance(cause, OSError):
@@ -318,7 +332,7 @@ def similar_run(out_dir):
     parent, name = os.path.split(os.path.normpath(out_dir))
     try:
         runs = [n for n in os.listdir(parent or ".") if n != name and list_steps(os.path.join(parent, n))]
-    except OSError:  # a folder there that cannot be read: no suggestion, the error stands as it is
+    except (OSError, CheckpointError):  # a folder there that cannot be read: no suggestion, the error stands
         runs = []
     close = difflib.get_close_matches(name, runs, n=1)
     return f" (did you mean --out_dir={os.path.join(parent, close[0])}?)" if close else ""
@@ -327,7 +341,11 @@ def similar_run(out_dir):
 def prune(out_dir, keep_last, keep_every, protect=()):
     """After a publish: keep the newest keep_last checkpoints (0 keeps all), every step divisible by keep_every
     (milestones, kept for good), and the steps in protect; delete the rest. abandoned-* folders are not touched."""
-    steps = list_steps(out_dir)
+    try:
+        steps = list_steps(out_dir)
+    except CheckpointError as e:  # as a checkpoint we fail to delete: disk space, not correctness
+        print(f"warning: {e}: retention deletes nothing this time")
+        return []
     if keep_last == 0 or not steps:
         return []
     keep = set(steps[-keep_last:]) | set(protect) | {steps[-1]}
@@ -361,21 +379,29 @@ def describe(out_dir):
     origin = "scratch"
     for step in list_steps(out_dir):
         path = path_for(out_dir, step)
+        size = 0
+        state = {"written_at": 0.0}
         try:  # a live run may prune this file while we look
             size = sum(e.stat().st_size for e in os.scandir(path)) if os.path.isdir(path) else os.path.getsize(path)
-            state, status = {"written_at": os.path.getmtime(path)}, "ok"
+            state["written_at"] = os.path.getmtime(path)
+            status = "ok"
             state |= load(path, whole=False)
         except (FileNotFoundError, Vanished):
             continue
         except CheckpointError as e:
             status = str(e).split(": ", 1)[-1]
+        except OSError as e:  # its time or size cannot be read: it cannot be verified either
+            status = f"cannot read {e.filename}: {e.strerror}"
         origin = state.get("origin", origin)
         train, val = ("-" if state.get(k) is None else f"{state[k]:.4f}" for k in ("train_loss", "val_loss"))
         when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state["written_at"]))
         lines.append(f"{step:>7}  {when}  {train:>10}  {val:>8}  {size / 1e6:>7.1f} MB  {status}")
-    names, nano = sorted(os.listdir(out_dir)), os.path.join(out_dir, NANOGPT_NAME)
-    nanogpt = [f"{NANOGPT_NAME} (python train.py --init_from={nano} starts a run from its weights, python sample.py "
-               f"--init_from={nano} samples it)"] if NANOGPT_NAME in names else []
+    names = sorted(entries(out_dir))
+    nano = os.path.join(out_dir, NANOGPT_NAME)
+    nanogpt = []
+    if NANOGPT_NAME in names:
+        nanogpt = [f"{NANOGPT_NAME} (python train.py --init_from={nano} starts a run from its weights, "
+                   f"python sample.py --init_from={nano} samples it)"]
     notes = {"started from": [origin] if origin != "scratch" else [], "nanoGPT's checkpoint, not listed": nanogpt,
              "incomplete writes (ignored; train.py removes them when it next starts here)":
                  [n for n in names if n.endswith(TMP_SUFFIX) and CKPT_NAME.fullmatch(n[:-len(TMP_SUFFIX)])],

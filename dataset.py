@@ -72,7 +72,15 @@ def load_dataset(name, block_size, trained_on=None):
     """Prepare the dataset if it is not yet, check all that training relies on, and return (meta, train, val,
     fingerprint). The fingerprint (vocabulary, token dtype, sizes, a hash of every byte of each file, and an older
     one of meta.json and 32 spread blocks) identifies the data: trained_on, a resume's (step, fingerprint), refuses
-    other data, and the same data skips the scan of every token id, done when the run began."""
+    other data, and the same data skips the scan of every token id, done when the run began. A file the system
+    cannot read (EIO, EACCES) is one line that names it."""
+    try:
+        return _load_dataset(name, block_size, trained_on)
+    except OSError as e:  # its every read is of the dataset's files
+        raise ConfigError(f"dataset {name}: cannot read {e.filename or dataset_dir(name)}: {e.strerror}") from None
+
+
+def _load_dataset(name, block_size, trained_on):
     folder = dataset_dir(name)
     paths = [os.path.join(folder, f) for f in ("train.bin", "val.bin", "meta.json")]
     # nanoGPT's layout: train.bin and val.bin with meta.pkl, or alone where no prepare.py of ours is at work (it

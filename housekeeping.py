@@ -81,7 +81,14 @@ class Guard:
         return not checkpoint.same_file(self.out_dir, self.folder)
 
     def __call__(self):
-        if not checkpoint.same_file(os.path.join(self.out_dir, LOCK_NAME), self.held):
+        path = os.path.join(self.out_dir, LOCK_NAME)
+        try:
+            now = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            now = None
+        except OSError as e:  # the disk failed, not the folder changed: say so
+            raise checkpoint.CheckpointError(f"cannot check {path}: {e.strerror}") from None
+        if now is None or (now.st_dev, now.st_ino) != (self.held.st_dev, self.held.st_ino):
             raise checkpoint.CheckpointError(f"out_dir {self.out_dir} is no longer the folder this run locked (it, "
                                              f"or its {LOCK_NAME}, was deleted or replaced): stopped without "
                                              f"writing there")

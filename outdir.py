@@ -22,7 +22,7 @@ rewinds), logs.py (metrics), stops.py (signals and exit codes), sharded.py (FSDP
 and for out_dir=s3://bucket/prefix remote.py (a local staging folder mirrored to the bucket; objstore.py).
 """
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import torch.distributed as dist
 
@@ -148,7 +148,7 @@ class Run:
                                                                    cfg["keep_every"], print))
             requested = self.mirror.prepare(requested, print)[1]  # 0: nothing to resume there
         if os.path.isdir(self.out_dir) and not cfg["eval_only"]:  # a new out_dir is locked as it is made
-            self.lock_file = self.cleanup.enter_context(housekeeping.lock(self.out_dir))
+            self.lock_file = self.cleanup.enter_context(closed_at_exit(housekeeping.lock(self.out_dir)))
         return checkpoint.find(self.out_dir, requested, print, whole)
 
     def init_weights(self):
@@ -211,22 +211,23 @@ class Run:
         try:
             if self.lock_file is None:  # a new out_dir: lock it, and make sure no other run got there first
                 os.makedirs(out_dir, exist_ok=True)
-                self.lock_file = self.cleanup.enter_context(housekeeping.lock(out_dir))
+                self.lock_file = self.cleanup.enter_context(closed_at_exit(housekeeping.lock(out_dir)))
                 if checkpoint.list_steps(out_dir):
                     raise checkpoint.CheckpointError(f"out_dir {out_dir} got checkpoints from another run "
                                                      f"meanwhile")
             housekeeping.clean_leftovers(out_dir)
             abandoned = housekeeping.rewind(out_dir, self.start_step)
-            metrics_file = self.cleanup.enter_context(open(metrics_path(out_dir), "a"))
+            metrics_file = self.cleanup.enter_context(closed_at_exit(open(metrics_path(out_dir), "a")))
+            guard = housekeeping.Guard(out_dir, self.lock_file)
         except OSError as e:
-            raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename}: {e.strerror}") from None
+            raise checkpoint.CheckpointError(f"cannot prepare out_dir: {e.filename or out_dir}: {e.strerror}") from None
         if abandoned:
             self.print(f"rewinding to step {self.start_step}: moved the newer checkpoints into {abandoned}")
         if self.mirror:
             self.mirror.opened(self.start_step, abandoned, [self.start_step])
             self.print(f"out_dir {self.cfg['out_dir']}: checkpoints are written to {out_dir}, then uploaded "
                        f"in the background")
-        metrics = Metrics(metrics_file, wandb_run, housekeeping.Guard(out_dir, self.lock_file))
+        metrics = Metrics(metrics_file, wandb_run, guard)
         metrics.record(self.start_step, event="resume" if self.start_step else "start")
         return metrics
 
@@ -431,7 +432,8 @@ def load_optimizer(model, optimizer, scaler, state):
     if "shards" in state or sharded_model:
         import sharded  # a sharded run's alone: DCP's modules take seconds to import
     if "shards" in state:  # a folder: its weights are read below, with the optimizer's state
-        misfit = checkpoint.misfit(model.state_dict(), sharded.saved_weights(state["shards"]))
+        with reading(state["shards"]):
+            misfit = checkpoint.misfit(model.state_dict(), sharded.saved_weights(state["shards"]))
         if misfit is not None:
             raise checkpoint.CheckpointError(f"checkpoint step {step}'s weights do not fit this code's model "
                                              f"({misfit}): {NEW_RUN}")
@@ -449,10 +451,33 @@ def load_optimizer(model, optimizer, scaler, state):
                                          f"optimizer ({problem}): {NEW_RUN}, or init_from=<the checkpoint> for "
                                          f"its weights alone, with a fresh optimizer")
     if "shards" in state:  # a folder: each rank reads its shards of every tensor
-        sharded.load_shards(model, optimizer, state["shards"], saved["param_groups"])
+        with reading(state["shards"]):
+            sharded.load_shards(model, optimizer, state["shards"], saved["param_groups"])
     elif sharded_model:  # a file's whole state: each rank keeps its shard of every tensor
         sharded.load_whole_optimizer(optimizer, saved)
     else:
         optimizer.load_state_dict(saved)
     if scaler.is_enabled() and state.get("scaler"):  # a switch to float16 starts a new scale
         scaler.load_state_dict(state["scaler"])
+
+
+@contextmanager
+def reading(folder):
+    """The ranks reading a folder's shards: a disk's error is one line, as checkpoint.load says it."""
+    try:
+        yield
+    except OSError as e:
+        raise checkpoint.CheckpointError(f"cannot read checkpoint {e.filename or folder}: {e.strerror}") from None
+
+
+@contextmanager
+def closed_at_exit(f):
+    """f (train.lock, metrics.jsonl), closed as the run ends. Each line of metrics.jsonl was fsynced as it was
+    written, and the lock's line is only for a reader's eyes: an error closing them (EIO) loses nothing."""
+    try:
+        yield f
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass

@@ -120,7 +120,10 @@ def main(argv):
         raise PlotError(f"no folder {out_dir}")
     if not os.path.isfile(path):
         raise PlotError(f"no {path} (train.py writes it as it runs)")
-    records, skipped = read_metrics(path)
+    try:
+        records, skipped = read_metrics(path)
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror}") from None
     if skipped:
         numbers = ", ".join(map(str, skipped[:5])) + (" and more" if len(skipped) > 5 else "")
         print(f"warning: {path}: skipped {'line' if len(skipped) == 1 else 'lines'} {numbers}: not a record of "

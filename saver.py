@@ -71,10 +71,11 @@ def publish_folder(out_dir, step, written, info, keep_last, keep_every, protect,
     folder: run.pt records the run and each file's CRC32 (save fsyncs it and the folder), then the folder takes its
     final name; then prune. A second Ctrl-C meanwhile deletes the folder instead."""
     import sharded  # a sharded run's alone: DCP's modules take seconds to import
-    written.result()
     final = checkpoint.path_for(out_dir, step, folder=True)
     tmp = final + checkpoint.TMP_SUFFIX
     try:
+        with sharded.unwrapped():  # every rank's shards, or the error one of them met
+            written.result()
         guard()
         if cancel.is_set():
             raise checkpoint.SaveCancelled()
@@ -157,7 +158,13 @@ class Saver:
         future = self.in_flight
         self.in_flight = None
         if not self.master:  # the shards this rank wrote: rank 0 says what was saved
-            future.result()
+            import sharded  # only a sharded run has ranks other than 0 saving
+            try:
+                with sharded.unwrapped():
+                    future.result()
+            except OSError as e:
+                raise checkpoint.CheckpointError(f"cannot write checkpoint {e.filename or self.out_dir}: "
+                                                 f"{e.strerror}") from None
             return
         path, pruned = future.result()
         line = f"saved {path}"

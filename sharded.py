@@ -15,10 +15,11 @@ import os
 import pickle
 import warnings
 import zlib
+from contextlib import contextmanager
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
@@ -45,6 +46,16 @@ def tensors_of(state):
     flat = {f"model/{name}": t for name, t in state["model"].items()}
     return flat | {f"optimizer/{i}/{key}": t for i, per_param in state["optimizer"]["state"].items()
                    for key, t in per_param.items()}
+
+
+@contextmanager
+def unwrapped():
+    """DCP reports what failed, on any rank, as a CheckpointException (a BaseException whose text is tracebacks):
+    raise the first rank's failure itself instead, an OSError for a disk's, to be said as any other."""
+    try:
+        yield
+    except CheckpointException as e:
+        raise next(iter(e.failures.values()))[0] from None
 
 
 def _split(flat):
@@ -136,7 +147,8 @@ def read_whole(folder, info):
     flat = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in saved_tensors(folder).items()}
     with warnings.catch_warnings():  # DCP says it assumes one process: that is what no_dist asks of it
         warnings.simplefilter("ignore")
-        dcp.load(flat, storage_reader=SafeReader(folder), no_dist=True)
+        with unwrapped():
+            dcp.load(flat, storage_reader=SafeReader(folder), no_dist=True)
     state = {k: v for k, v in info.items() if k != "checksums"}
     state["model"], per_param = _split(flat)
     state["optimizer"] = {"state": per_param, **info["optimizer"]}
@@ -165,7 +177,8 @@ def load_shards(model, optimizer, folder, param_groups):
                  for key, (shape, dtype) in per_param.items()} for i, per_param in saved.items()}
     # in place: the model's state_dict and these templates are the very tensors DCP fills
     into = tensors_of({"model": model.state_dict(), "optimizer": {"state": state}})
-    dcp.load(into, storage_reader=SafeReader(folder))
+    with unwrapped():
+        dcp.load(into, storage_reader=SafeReader(folder))
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
