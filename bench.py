@@ -9,20 +9,30 @@ train.py's loop against a plain nanoGPT-style loop over the same model and data,
 against without (what bit-exact GPU resumes cost), with the ratios; how long a checkpoint stalls the loop
 (sync save, async save, a plain in-memory copy as the floor) and how much slower steps run while a background
 save writes; save bandwidth against a raw write of the same bytes with fsync; launch-to-first-step of a fresh
-and a resumed run, and load bandwidth against a raw read; checkpoint size against its tensors' bytes.
+and a resumed run, and load bandwidth against a raw read; checkpoint size against its tensors' bytes; and what an
+upload to an object store costs (out_dir=s3://...): our mirror against a plain boto3 put_object of the same bytes, and
+the loop's step times meanwhile against no upload and a local async save. The server is AWS_ENDPOINT_URL's (a bucket
+of bench's own is made there, and deleted), else a moto_server started here; without boto3 or a server the row
+says so and is skipped.
 """
+import importlib.util
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from unittest import mock
 
 import torch
 
 import checkpoint
+import objstore
+import remote
 import saver
 from configurator import parse
 from stops import run_main
@@ -123,6 +133,112 @@ def launch_to_first_step(argv, first_step):
     return seconds
 
 
+def steps_while(step, sync, start):
+    """The loop's step times from start(), which begins a background write and returns a future of the moment it
+    ends (start's own cost is the first step's), until that write has ended; and the write's seconds."""
+    sync()
+    began = time.perf_counter()
+    ended = start()
+    times = []
+    last = began
+    while not times or not ended.done():
+        step()
+        sync()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    return times, ended.result() - began
+
+
+def listening(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def upload_rows(path, state, buffers, step, steps, sync, out_dir):
+    """(what, ours, baseline, target) rows of uploading the checkpoint at path: our mirror (remote.Mirror, in the
+    background) against one plain boto3 put_object of the same bytes (which the loop would wait for), each once;
+    then the loop's step times while the mirror uploads, against `steps` steps with no upload and the steps while a
+    local async save (saver.Saver, into buffers already allocated, as from a run's second save on) writes."""
+    what = "upload to object store"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    moto = shutil.which("moto_server")
+    if importlib.util.find_spec("boto3") is None:
+        return [(what, "skipped: no boto3 (pip install boto3)", "", "")]
+    if not endpoint and moto is None:
+        return [(what, 'skipped: no AWS_ENDPOINT_URL, nor moto_server to start (pip install "moto[server]")', "", "")]
+    import boto3  # an optional extra, as for objstore.py
+    from botocore.exceptions import BotoCoreError, ClientError
+    env = {"GPT_RESUME_CACHE": os.path.join(out_dir, "cache")}  # the mirror's staging folder: in bench's own
+    server = None
+    if not endpoint:  # moto_server on a free loopback port, with fake credentials and no AWS config file
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        env |= {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_EC2_METADATA_DISABLED": "true"}
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    try:
+        with mock.patch.dict(os.environ, env):
+            deadline = time.monotonic() + 30
+            while server is not None and not listening(port):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise checkpoint.CheckpointError(f"moto_server did not start on 127.0.0.1:{port}")
+                time.sleep(0.1)
+            client = boto3.client("s3")
+            client.create_bucket(Bucket=bucket)
+            with open(path, "rb") as f:
+                data = f.read()
+            plain_s, _ = timed(lambda: client.put_object(Bucket=bucket, Key="plain.pt", Body=data), lambda: None)
+            idle = [timed(step, sync)[0] for _ in range(steps)]
+
+            saved = Future()
+            cfg = {"keep_last_checkpoints": 0, "keep_every": 0, "async_checkpoint": True}
+            with saver.Saver(out_dir, cfg, lambda: None, log=lambda line: None,
+                             published=lambda p, protect: saved.set_result(time.perf_counter())) as writer:
+                writer.buffers = buffers  # allocated by the snapshots above: a run's saves reuse theirs
+
+                def save():
+                    writer.save(state | {"step": 4}, ())
+                    return saved
+                saving, _ = steps_while(step, sync, save)
+
+            mirror = remote.Mirror(f"s3://{bucket}/bench", 0, 0)  # as a run makes it: it takes the lock
+            mirror.prepare(0)
+            mirror.opened(0)
+            with ThreadPoolExecutor(max_workers=1) as closer:
+                def closed():
+                    mirror.close()  # returns once the upload is in the bucket
+                    return time.perf_counter()
+
+                def upload():
+                    mirror.published(path)  # all that the loop calls
+                    return closer.submit(closed)
+                uploading, upload_s = steps_while(step, sync, upload)
+            mirror.check()  # a failed upload is one line, not a row
+            for key in [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]:
+                client.delete_object(Bucket=bucket, Key=key)
+            client.delete_bucket(Bucket=bucket)
+    except (BotoCoreError, ClientError) as e:  # no credentials, no such endpoint, access denied: one line
+        where = env.get("AWS_ENDPOINT_URL", endpoint)
+        raise checkpoint.CheckpointError(objstore.scrub(f"cannot upload to {where}: {e}")) from None
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+    nbytes = len(data)
+    rate = lambda seconds: f"{seconds:.2f} s, {nbytes / seconds / 1e6:,.0f} MB/s"
+    ms = lambda times: f"{sum(times) / len(times) * 1e3:,.1f}/{max(times) * 1e3:,.1f}"
+    return [(what, f"{nbytes / 1e6:,.1f} MB in {rate(upload_s)} (mirror, background)",
+             f"{rate(plain_s)} (put_object, the loop waits)", ""),
+            ("step time while it uploads", f"mean/max {ms(uploading)} ms ({len(uploading)} steps)",
+             f"no upload {ms(idle)}; async save {ms(saving)}",
+             "max <= async save's" + (" ok" if max(uploading) <= max(saving) else " MISSED"))]
+
+
 def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
     on_gpu = device.type != "cpu"
     B, T = BATCH[(size, "gpu" if on_gpu else "cpu")]
@@ -218,6 +334,10 @@ def bench(size, device, dtype, autocast, steps, repeats, bench_dir, rows):
     # 5. size against the tensors' own bytes
     add("checkpoint size", f"{size_on_disk / 1e6:,.1f} MB", f"{nbytes / 1e6:,.1f} MB of tensors",
         "<= 1.02x" + (" ok" if size_on_disk <= 1.02 * nbytes else " MISSED"))
+
+    # 6. an upload to an object store (out_dir=s3://...) against a plain put, and the loop meanwhile
+    for row in upload_rows(path, state, buffers, step, steps, sync, out_dir):
+        add(*row)
 
 
 def main(argv):
