@@ -15,10 +15,8 @@ import sys
 
 import pytest
 
-import test_train
-from test_train import HERE, TINY, run
+from conftest import HERE, TINY, run
 
-dataset = test_train.dataset  # the fixture, shared: tests ask for it by name
 STRACE = shutil.which("strace")
 
 
