@@ -36,7 +36,7 @@ import outdir
 import remote
 import sharded
 from configurator import ConfigError
-from conftest import HERE, TINY, assert_identical, run, state_at
+from conftest import HERE, TINY, assert_identical, run, run_ranks, state_at
 from logs import metrics_path
 
 boto3 = pytest.importorskip("boto3")
@@ -622,3 +622,25 @@ def test_a_run_on_a_bucket_resumes_on_an_empty_disk_exactly_and_its_readers_read
     assert plotted.returncode == 0 and (tmp_path / "loss.png").exists(), plotted.stderr
     for done in (first, resumed, second, sampled, listed, plotted):
         assert SECRET not in done.stdout + done.stderr and TOKEN not in done.stdout + done.stderr
+
+
+def test_a_sharded_run_on_a_bucket_goes_up_folder_by_folder_and_resumes_on_an_empty_disk(s3, tmp_path, dataset):
+    """fsdp=True on 2 ranks into s3://...: each step's folder goes up (run.pt last); the same job on a machine with
+    an empty disk resumes the newest folder from the bucket and ends torch.equal to an unbroken sharded run."""
+    flags = [*TINY, f"--dataset={dataset}", "--fsdp=True", "--checkpoint_interval=4"]
+    codes, outputs = run_ranks(["train.py", *flags, f"--out_dir={s3.url}", "--max_iters=4"])
+    assert codes == [0, 0], outputs[0][-3000:]
+    assert "ckpt_0000004/run.pt" in s3.keys(), s3.keys()
+    env = os.environ.get("GPT_RESUME_CACHE")
+    os.environ["GPT_RESUME_CACHE"] = str(tmp_path / "empty-disk")
+    try:
+        codes, outputs = run_ranks(["train.py", *flags, f"--out_dir={s3.url}", "--max_iters=8"])
+    finally:
+        os.environ["GPT_RESUME_CACHE"] = env
+    assert codes == [0, 0] and outputs[0].startswith("resuming from step 4"), outputs[0][-3000:]
+    assert "ckpt_0000008/run.pt" in s3.keys(), s3.keys()
+    codes, outputs = run_ranks(["train.py", *flags, f"--out_dir={tmp_path / 'unbroken'}", "--max_iters=8"])
+    assert codes == [0, 0], outputs[0][-3000:]
+    staging = objstore.staging_dir(s3.url).replace(os.environ["GPT_RESUME_CACHE"], str(tmp_path / "empty-disk"))
+    assert_identical(checkpoint.load(checkpoint.path_for(staging, 8)),
+                     checkpoint.load(checkpoint.path_for(str(tmp_path / "unbroken"), 8)))
