@@ -164,6 +164,8 @@ def verify(path):
         with zipfile.ZipFile(path) as z:
             records = z.infolist()
     except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
+        if isinstance(e.__context__, OSError):  # zipfile calls a read that failed (EIO) no zip file: it is not damage
+            raise e.__context__ from None
         return f"not a whole zip file ({e}): truncated, or not a checkpoint"
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         def damaged(r):  # a record's data follows its local header, whose last fields say how long the header is
@@ -197,11 +199,12 @@ def load(path, whole=True, checked=False):
                 problem = sharded.damaged(path, state)
         if folder and problem is None and isinstance(state, dict):
             state = sharded.read_whole(path, state) if whole else state | {"shards": path, "model": {}}
-    except FileNotFoundError:
-        raise Vanished(f"checkpoint {path} is gone: deleted while being read") from None
-    except OSError as e:
-        raise ReadError(f"cannot read checkpoint {path}: {e.strerror}; the file itself may be fine") from None
-    except Exception as e:  # weights_only refuses anything but tensors and plain data
+    except Exception as e:  # weights_only refuses anything but tensors and plain data; or the system failed
+        failed = e if isinstance(e, OSError) else system_error(e)
+        if isinstance(failed, FileNotFoundError):
+            raise Vanished(f"checkpoint {path} is gone: deleted while being read") from None
+        if failed is not None:
+            raise ReadError(f"cannot read checkpoint {path}: {failed.strerror}; the file itself may be fine") from None
         problem = f"refused by torch.load(weights_only=True): {str(e).splitlines()[0]}"
     if problem is None and isinstance(state, dict) and "iter_num" in state and "step" not in state:
         try:
@@ -216,6 +219,15 @@ def load(path, whole=True, checked=False):
             return state
         problem = f"it holds step {state['step']!r}, not the step in its name"
     raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
+
+
+def system_error(e):
+    """The OSError behind an error of torch's C++ that says a system call failed, in strerror's words and number
+    ("unable to mmap 359151 bytes from file <...>: Cannot allocate memory (12)"), or None."""
+    said = re.search(r": ([^:]+) \((\d+)\)$", str(e).split("\n", 1)[0])
+    if said and os.strerror(int(said.group(2))) == said.group(1):
+        return OSError(int(said.group(2)), said.group(1))
+    return None
 
 
 def not_ours(state):

@@ -84,13 +84,25 @@ def test_a_save_on_a_full_disk_is_one_line_even_when_its_temporary_file_cannot_b
     assert checkpoints(out) == before
 
 
-@pytest.mark.parametrize("script", ["sample.py", "checkpoint.py"])
-def test_a_script_that_cannot_list_out_dir_is_one_line(tmp_path, finished_run, script):
+@pytest.mark.parametrize("injection, said", [("read:error=EIO:when=1", "Input/output error"),
+                                              ("mmap:error=ENOMEM:when=2", "Cannot allocate memory")])
+def test_a_checkpoint_the_system_cannot_read_is_not_taken_for_damage(tmp_path, dataset, finished_run, injection,
+                                                                     said):
+    """zipfile calls a failed read no zip file, torch's C++ says it in words of its own: once, the newest step was
+    taken for damaged, an older one resumed and the newest set aside. A read error is one line; nothing moves."""
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
-    args = [f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=2", "--device=cpu"] if script == "sample.py" \
-        else [str(out)]
-    done = faulted([script, *args], out, "getdents64:error=EIO:when=1")
+    newest = out / "ckpt_0000004.pt"
+    done = faulted(train_args(dataset, out, "--max_iters=6"), newest, injection)
+    assert_one_line(done, f"cannot read checkpoint {newest}: {said}")
+    assert sorted(os.listdir(out)) == ["ckpt_0000002.pt", "ckpt_0000004.pt", "metrics.jsonl", "train.lock"]
+
+
+def test_a_script_that_cannot_list_out_dir_is_one_line(tmp_path, finished_run):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    done = faulted(["sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=2", "--device=cpu"], out,
+                   "getdents64:error=EIO:when=1")
     assert_one_line(done, f"cannot list {out}: Input/output error")
 
 
