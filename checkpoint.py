@@ -324,15 +324,21 @@ def similar_run(out_dir):
     return f" (did you mean --out_dir={os.path.join(parent, close[0])}?)" if close else ""
 
 
-def prune(out_dir, keep_last, keep_every, protect=()):
-    """After a publish: keep the newest keep_last checkpoints (0 keeps all), every step divisible by keep_every
-    (milestones, kept for good), and the steps in protect; delete the rest. abandoned-* folders are not touched."""
-    steps = list_steps(out_dir)
+def doomed(steps, keep_last, keep_every, protect):
+    """The steps retention deletes among `steps` (oldest first), on disk (prune) as in a bucket (remote.py): all but
+    the newest keep_last (0 keeps all), every step divisible by keep_every (milestones, kept for good), those in
+    protect, and the newest."""
     if keep_last == 0 or not steps:
         return []
     keep = set(steps[-keep_last:]) | set(protect) | {steps[-1]}
-    doomed = [s for s in steps if s not in keep and not (keep_every and s % keep_every == 0)]
-    for s in doomed:
+    return [s for s in steps if s not in keep and not (keep_every and s % keep_every == 0)]
+
+
+def prune(out_dir, keep_last, keep_every, protect=()):
+    """After a publish: delete the checkpoints `doomed` chooses, and return their steps. abandoned-* folders are not
+    touched."""
+    deleted = doomed(list_steps(out_dir), keep_last, keep_every, protect)
+    for s in deleted:
         path = path_for(out_dir, s)
         try:
             if os.path.isdir(path):  # renamed away first: no half-deleted folder ever holds a final name
@@ -341,7 +347,7 @@ def prune(out_dir, keep_last, keep_every, protect=()):
             _delete(path)
         except OSError as e:  # a checkpoint we failed to delete costs disk space, not correctness
             print(f"warning: cannot delete {e.filename}: {e.strerror}")
-    return doomed
+    return deleted
 
 
 def remove_temporaries(out_dir):
