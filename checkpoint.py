@@ -350,19 +350,26 @@ def similar_run(out_dir):
     return f" (did you mean --out_dir={os.path.join(parent, close[0])}?)" if close else ""
 
 
+def doomed(steps, keep_last, keep_every, protect):
+    """The steps retention deletes among `steps` (oldest first), on disk (prune) as in a bucket (remote.py): all but
+    the newest keep_last (0 keeps all), every step divisible by keep_every (milestones, kept for good), those in
+    protect, and the newest."""
+    if keep_last == 0 or not steps:
+        return []
+    keep = set(steps[-keep_last:]) | set(protect) | {steps[-1]}
+    return [s for s in steps if s not in keep and not (keep_every and s % keep_every == 0)]
+
+
 def prune(out_dir, keep_last, keep_every, protect=()):
-    """After a publish: keep the newest keep_last checkpoints (0 keeps all), every step divisible by keep_every
-    (milestones, kept for good), and the steps in protect; delete the rest. abandoned-* folders are not touched."""
+    """After a publish: delete the checkpoints `doomed` chooses, and return their steps. abandoned-* folders are not
+    touched."""
     try:
         steps = list_steps(out_dir)
     except CheckpointError as e:  # as a checkpoint we fail to delete: disk space, not correctness
         print(f"warning: {e}: retention deletes nothing this time")
         return []
-    if keep_last == 0 or not steps:
-        return []
-    keep = set(steps[-keep_last:]) | set(protect) | {steps[-1]}
-    doomed = [s for s in steps if s not in keep and not (keep_every and s % keep_every == 0)]
-    for s in doomed:
+    deleted = doomed(steps, keep_last, keep_every, protect)
+    for s in deleted:
         path = path_for(out_dir, s)
         try:
             if os.path.isdir(path):  # renamed away first: no half-deleted folder ever holds a final name
@@ -371,7 +378,7 @@ def prune(out_dir, keep_last, keep_every, protect=()):
             _delete(path)
         except OSError as e:  # a checkpoint we failed to delete costs disk space, not correctness
             print(f"warning: cannot delete {e.filename}: {e.strerror}")
-    return doomed
+    return deleted
 
 
 def remove_temporaries(out_dir):

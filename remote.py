@@ -1,37 +1,224 @@
 """
-A run whose out_dir is an object-store URL, s3://bucket/prefix (objstore.py talks to the store). The run writes its
-checkpoints into a local staging folder (objstore.staging_dir) exactly as into any out_dir, so every local promise
-holds there, and a Mirror copies what is published to the bucket on a thread of its own, in order: a file as one
-object (a multipart upload completes atomically), a sharded folder file by file with run.pt last, so that a step
-counts in the bucket only once it is whole there (steps_in). Retention runs on the bucket's steps after each upload,
-so an older step goes only once a newer one is up; a rewind copies the newer steps into abandoned-<time>/ and deletes
-them only once every copy is complete. On an empty disk the bucket decides what to resume (Mirror.prepare): the step
-is downloaded under its temporary name, its CRC32s checked, then renamed; a damaged one is never loaded, an older one
-is tried. The lock (objlock.py) keeps one run per prefix. The trainer's calls, in order: Mirror(...) (it takes
-the lock), prepare, opened once the run's folder is ready, published, metrics_changed and check as the loop goes,
-close (or leaving it as a context manager).
+A live run whose out_dir is s3://bucket/prefix (objstore.py talks to the store). The run writes its checkpoints
+into a local staging folder (objstore.staging_dir) exactly as into any out_dir, so every local promise holds there;
+a Mirror copies what is published to the bucket on a thread of its own, in order: a file as one object (a multipart
+upload completes atomically), a sharded folder file by file with run.pt last, so that a step counts in the bucket
+only once it is whole there (objstore.steps_in). Retention runs on the bucket's steps after each upload, so an older
+step goes only once a newer one is up; a rewind copies the newer steps into abandoned-<time>/ and deletes them only
+once every copy is complete. On an empty disk the bucket decides what to resume (Mirror.prepare): a step is
+downloaded under its temporary name and checked before it gets its own; a damaged one is never loaded, an older one
+is tried. A Lock (<prefix>/train.lock, a lease taken and renewed by conditional writes) keeps one run per prefix; S3
+has no fencing, so a holder cut off from the store for longer than its lease may land one write after it was taken
+over. The trainer's calls, in order: Mirror(...) (it takes the lock), prepare, opened once the run's folder is
+ready, published, metrics_changed and check as the loop goes, close (or leaving it as a context manager).
 """
+import contextlib
+import email.utils
+import json
 import os
 import re
+import socket
 import threading
 import time
+import uuid
 from queue import Queue
 
 import checkpoint
-import objlock
 import objstore
 from logs import metrics_path
 
+LOCK_NAME = "train.lock"  # as outdir's, in the prefix
+LEASE_S = 60.0  # a lock not renewed for this long is a dead run's; its holder renews it every LEASE_S / 12
 SESSION_NAME = "remote-session"  # in a staging folder: the lock token of the run that last wrote there
 METRICS_EVERY_S = 30.0  # metrics.jsonl goes up at most this often, and after every checkpoint
+LOST_CODES = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404")  # a conditional write refused
 
 
-def doomed(steps, keep_last, keep_every, protect):
-    """checkpoint.prune's choice, made on the bucket's steps (oldest first)."""
-    if keep_last == 0 or not steps:
-        return []
-    keep = set(steps[-keep_last:]) | set(protect) | {steps[-1]}
-    return [s for s in steps if s not in keep and not (keep_every and s % keep_every == 0)]
+def this_machine():
+    """Host, boot and pid namespace: processes alike in all three see each other's pids (Linux; None elsewhere)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{socket.gethostname()} {f.read().strip()} {os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, OverflowError):  # another user's, or a pid that is no number: not ours to judge
+        return True
+    return True
+
+
+def holder_line(holder):
+    if "host" not in holder:
+        return "a lock object this trainer did not write"
+    return f"host {holder['host']}, pid {holder.get('pid')}, since {holder.get('since')}"
+
+
+def unused_name(name, taken):
+    """name, else name-2, name-3...: the first that taken(name) says is free (two set-asides within one second)."""
+    candidate = name
+    n = 1
+    while taken(candidate):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+class Lock:
+    """One run per prefix: <prefix>/train.lock, a JSON object naming its holder (host, pid, since) with a token of
+    its own, created with If-None-Match: * and changed only with If-Match on the ETag last seen, so that two runs
+    never both take it. The holder renews it every lease_s / 12. Another run takes it over once it is free, once its
+    holder is a dead process of this machine, or once it has gone lease_s without renewal (by the store's clock, or
+    as watched); a live holder is refused in one line naming it. Released, the object stays, marked free, naming the
+    run that held it last: acquire returns that run's record (`previous`, which Mirror.prepare compares)."""
+
+    def __init__(self, store, lease_s=LEASE_S):
+        self.store = store
+        self.lease_s = lease_s
+        self.token = uuid.uuid4().hex  # this run's alone: a record that carries it is a write of ours
+        self.since = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.etag = None  # of our last write that the store took; None: not held
+        self.lost = None  # why this run no longer holds the lock, the line ensure raises
+        self.renewed = 0.0  # time.monotonic() of the last renewal that the store took
+        self.mutex = threading.Lock()  # renewals come from the renewing thread and from the mirror's writes
+        self.stop_renewing = threading.Event()
+
+    def body(self, state):
+        return {"state": state, "host": socket.gethostname(), "pid": os.getpid(), "since": self.since,
+                "machine": this_machine(), "token": self.token, "lease_s": self.lease_s, "renewed": time.time()}
+
+    def read(self):
+        """(the lock's record, or None when there is none; its ETag; its age in seconds by the store's clock)."""
+        def fetch():  # the body read inside the retried call: a connection lost mid-body is retried too
+            reply = self.store.client.get_object(Bucket=self.store.bucket, Key=self.store.key(LOCK_NAME))
+            return reply, reply["Body"].read()
+        try:
+            reply, data = self.store.call(fetch)
+        except self.store.client_error as e:
+            if objstore.error_code(e) in ("NoSuchKey", "404"):
+                return None, None, 0.0
+            raise
+        # the store's Date against its LastModified: machines' clocks may disagree, the store's agrees with itself
+        date = reply["ResponseMetadata"]["HTTPHeaders"].get("date")
+        age = 0.0
+        if date:
+            age = (email.utils.parsedate_to_datetime(date) - reply["LastModified"]).total_seconds()
+        try:
+            holder = json.loads(data)
+        except ValueError:
+            holder = None
+        if not isinstance(holder, dict):  # not our JSON: held by something unknown, never taken for free
+            holder = {"state": "unreadable"}
+        return holder, reply["ETag"], age
+
+    def swap(self, state, **condition):
+        """Write the lock as ours, in `state`, if it is still as `condition` says: its new ETag, or None. A write
+        whose reply was lost (retried, it meets its own ETag: PreconditionFailed) is known as ours by its contents."""
+        mine = self.body(state)
+        try:
+            return self.store.put_bytes(LOCK_NAME, json.dumps(mine).encode(), **condition)
+        except self.store.client_error as e:
+            if objstore.error_code(e) not in LOST_CODES:
+                raise
+        holder, etag, _ = self.read()
+        if holder == mine:
+            return etag
+        return None
+
+    def acquire(self, log=print):
+        """Take the lock and start renewing it; CheckpointError naming the holder when a live run has it."""
+        watched_etag = None  # the holder's ETag when we began to watch it for a renewal
+        watched_since = time.monotonic()
+        with self.store.errors("cannot lock"):
+            while True:
+                holder, etag, age = self.read()
+                lease = self.lease_s
+                if holder and isinstance(holder.get("lease_s"), (int, float)):
+                    lease = holder["lease_s"]  # the holder renews by its own lease, not ours
+                free = holder is None or holder.get("state") == "free"
+                here = not free and this_machine() is not None and holder.get("machine") == this_machine()
+                dead = here and not alive(holder.get("pid"))
+                # stale by the store's clock, or unchanged for a whole lease while we watched it
+                stale = age > lease or (etag == watched_etag and time.monotonic() - watched_since > lease)
+                if not (free or dead or stale):
+                    renewed_while_watched = watched_etag is not None and etag != watched_etag
+                    if here or renewed_while_watched:  # a live process of this machine, or a run renewing it
+                        raise checkpoint.CheckpointError(f"out_dir {self.store.url} is in use by another run "
+                                                         f"({holder_line(holder)}); wait for it to end, or pass "
+                                                         f"another out_dir")
+                    if watched_etag is None:
+                        log(f"{self.store.url} is locked by {holder_line(holder)}, renewed {age:.0f} s ago: "
+                            f"waiting to see it renewed (then refused) or not for {lease:.0f} s (then taken over)")
+                        watched_etag = etag
+                        watched_since = time.monotonic()
+                    time.sleep(min(lease / 24, 1.0))
+                    continue
+                if holder is None:
+                    condition = {"IfNoneMatch": "*"}  # created only if no other run created it meanwhile
+                else:
+                    condition = {"IfMatch": etag}  # replaced only if no other run wrote it since we read it
+                taken = self.swap("held", **condition)
+                if not taken:  # another run wrote it between our read and our write: read it again
+                    continue
+                if dead:
+                    log(f"warning: {self.store.url}: took over the lock of {holder_line(holder)}, a process that "
+                        f"is gone")
+                elif not free:
+                    log(f"warning: {self.store.url}: took over the lock of {holder_line(holder)}, not renewed for "
+                        f"{max(age, lease):.0f} s")
+                self.etag = taken
+                self.renewed = time.monotonic()
+                threading.Thread(target=self.renew_loop, daemon=True).start()
+                return holder
+
+    def renew(self):
+        """Write the lock anew, the holder's heartbeat; CheckpointError (kept in `lost`) once this run lost it."""
+        with self.mutex:
+            if self.lost is None and self.etag is not None:
+                # the lease counts from before the write: the store may have dated it at any moment of it
+                began = time.monotonic()
+                etag = None
+                try:
+                    with self.store.errors("cannot renew the lock of"):
+                        etag = self.swap("held", IfMatch=self.etag)
+                        if etag is None:
+                            holder = self.read()[0]
+                            taker = holder_line(holder) if holder else "or deleted"
+                            self.lost = (f"the lock of {self.store.url} was taken over by another run ({taker}): "
+                                         f"stopped without writing there")
+                except checkpoint.CheckpointError as e:
+                    self.lost = str(e)
+                self.etag = etag
+                self.renewed = began
+            if self.lost is not None:
+                raise checkpoint.CheckpointError(self.lost)
+
+    def renew_loop(self):
+        while not self.stop_renewing.wait(self.lease_s / 12) and self.lost is None:
+            with contextlib.suppress(checkpoint.CheckpointError):  # kept in `lost`: the mirror's next write stops
+                self.renew()
+
+    def ensure(self):
+        """Before each write: CheckpointError once the lock is lost; renewed first when its lease is half gone (the
+        renewing thread late, or waiting on the store), so that no write goes out on a lease that may have passed."""
+        if self.lost is not None or time.monotonic() - self.renewed > self.lease_s / 2:
+            self.renew()
+
+    def release(self, free=True):
+        """Stop renewing; with free, mark the lock free. Left as it is, it lapses: the next run of this machine
+        takes it over at once, any other once lease_s have passed."""
+        self.stop_renewing.set()
+        with self.mutex:
+            if free and self.etag is not None and self.lost is None:
+                # a failure is no error: the lock then lapses, which is as safe (Mirror.close has stopped retries)
+                with contextlib.suppress(checkpoint.CheckpointError), self.store.errors("cannot release"):
+                    self.swap("free", IfMatch=self.etag)
+            self.etag = None
 
 
 def verify(path, step):
@@ -43,11 +230,8 @@ def verify(path, step):
 
 def set_aside(folder, steps):
     """Move steps' checkpoints and metrics.jsonl into a new abandoned-<time>/ of folder (as a rewind would)."""
-    aside = os.path.join(folder, time.strftime("abandoned-%Y%m%d-%H%M%S"))
-    n = 1
-    while os.path.exists(aside + (f"-{n}" if n > 1 else "")):
-        n += 1
-    aside += f"-{n}" if n > 1 else ""
+    stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
+    aside = os.path.join(folder, unused_name(stamp, lambda name: os.path.exists(os.path.join(folder, name))))
     os.makedirs(aside)
     for path in [checkpoint.path_for(folder, s) for s in steps] + [metrics_path(folder)]:
         if os.path.exists(path):
@@ -59,16 +243,21 @@ class Mirror:
     """A live run's copy in the bucket (see the module's docstring): made, it holds the prefix's lock; a context
     manager, leaving it closes it."""
 
-    def __init__(self, url, keep_last, keep_every, log=print, give_up_s=objstore.GIVE_UP_S, lease_s=objlock.LEASE_S):
+    def __init__(self, url, keep_last, keep_every, log=print, give_up_s=objstore.GIVE_UP_S, lease_s=LEASE_S):
         self.store = objstore.Store(url, give_up_s, log)
-        self.url, self.log = self.store.url, log
+        self.url = self.store.url
+        self.log = log
         self.staging = objstore.staging_dir(url)
-        self.keep_last, self.keep_every = keep_last, keep_every
-        self.lock = objlock.Lock(self.store, lease_s)
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.lock = Lock(self.store, lease_s)
         self.previous = self.lock.acquire(log)  # the lock's last holder: None, or its record
-        self.remote, self.ours = {}, []  # the bucket's whole steps {step: kind}; this run's steps it lacks
-        self.tasks, self.thread = Queue(), None
-        self.failed, self.metrics_at = None, 0.0  # failed: the line the loop raises at its next check
+        self.bucket_steps = {}  # the bucket's whole steps, {step: 'file' or 'folder'}
+        self.unsent = []  # this run's steps in the staging folder that the bucket lacks (a kill before they went up)
+        self.tasks = Queue()  # (method, *arguments) for the mirror's thread, in order; None ends it
+        self.thread = None
+        self.failed = None  # the line check raises once a task has failed; no task runs after one
+        self.metrics_sent_at = 0.0  # time.monotonic() when metrics.jsonl last went up
 
     def prepare(self, requested, warn=print):
         """Make the staging folder hold the step to resume: (the folder, the step; 0 for none). requested, as
@@ -79,34 +268,38 @@ class Mirror:
         with self.store.errors("cannot resume from"):
             os.makedirs(self.staging, exist_ok=True)
             listing = self.store.listing()
-            self.remote = objstore.steps_in(listing)
+            self.bucket_steps = objstore.steps_in(listing)
             marker = os.path.join(self.staging, SESSION_NAME)
-            mine = self.previous is not None and objstore.read_json(marker, None) == self.previous.get("token")
+            previous_token = self.previous.get("token") if self.previous is not None else None
+            staging_is_ours = self.previous is not None and objstore.read_json(marker, None) == previous_token
             local = checkpoint.list_steps(self.staging)
-            if not mine and (local or os.path.exists(metrics_path(self.staging))):
+            if not staging_is_ours and (local or os.path.exists(metrics_path(self.staging))):
+                aside = set_aside(self.staging, local)
                 warn(f"warning: {self.staging} is not what {self.url} holds now (another run wrote there since): "
-                     f"moved what it held into {set_aside(self.staging, local)}")
+                     f"moved what it held into {aside}")
                 local = []
             objstore.write_json(marker, self.lock.token)
-            self.ours = [s for s in local if s not in self.remote]
+            self.unsent = [s for s in local if s not in self.bucket_steps]
             if "metrics.jsonl" in listing and not os.path.exists(metrics_path(self.staging)):
                 self.store.get("metrics.jsonl", metrics_path(self.staging) + ".tmp")
                 os.replace(metrics_path(self.staging) + ".tmp", metrics_path(self.staging))
             if requested == 0:
                 return self.staging, 0
-            steps = sorted(set(self.remote) | set(local))
+            steps = sorted(set(self.bucket_steps) | set(local))
             if requested > 0 and requested not in steps:
+                available = ", ".join(map(str, steps)) or "none"
                 raise checkpoint.CheckpointError(f"no checkpoint for step {requested} in {self.url} "
-                                                 f"(steps available: {', '.join(map(str, steps)) or 'none'})")
+                                                 f"(steps available: {available})")
+            candidates = [requested] if requested > 0 else reversed(steps)
             problems = []
-            for step in [requested] if requested > 0 else reversed(steps):
+            for step in candidates:
                 try:
                     if step in local:
                         verify(checkpoint.path_for(self.staging, step), step)
                     else:
                         self.fetch(step, listing)
                     return self.staging, step
-                except (checkpoint.Vanished, checkpoint.ReadError):
+                except (checkpoint.Vanished, checkpoint.ReadError):  # no damage: the run stops, nothing set aside
                     raise
                 except checkpoint.CheckpointError as e:
                     if requested > 0:
@@ -120,11 +313,14 @@ class Mirror:
 
     def fetch(self, step, listing):
         """Download step into the staging folder under its temporary name, check it, then give it its own."""
-        final = checkpoint.path_for(self.staging, step, self.remote[step] == "folder")
+        final = checkpoint.path_for(self.staging, step, self.bucket_steps[step] == "folder")
         tmp = final + checkpoint.TMP_SUFFIX  # what a kill leaves here, remove_temporaries deletes
         objstore.remove(tmp)
-        for name in objstore.objects(listing, step, self.remote[step]):
-            self.store.get(name, os.path.join(tmp, name.partition("/")[2]) if "/" in name else tmp)
+        for name in objstore.objects(listing, step, self.bucket_steps[step]):
+            if "/" in name:  # a folder's file, ckpt_<step>/<file>
+                self.store.get(name, os.path.join(tmp, name.partition("/")[2]))
+            else:
+                self.store.get(name, tmp)
         try:
             verify(tmp, step)
         except checkpoint.CheckpointError as e:
@@ -135,7 +331,7 @@ class Mirror:
 
     def rewinding(self, step):
         """Whether the bucket holds steps past `step` (opened sets them aside): a rewind, for wandb's run too."""
-        return any(s > step for s in self.remote)
+        return any(s > step for s in self.bucket_steps)
 
     def opened(self, step, abandoned=None, protect=()):
         """Once the staging folder is the run's (outdir.open_out_dir: cleaned, rewound to `step`): start mirroring.
@@ -143,7 +339,7 @@ class Mirror:
         (named as the local rewind's folder, `abandoned`, when there is one), this run's steps it lacks uploaded."""
         self.thread = threading.Thread(target=self.work, daemon=True)
         self.thread.start()
-        self.tasks.put((self.open, step, abandoned, list(protect)))
+        self.tasks.put((self.open_bucket, step, abandoned, list(protect)))
 
     def published(self, path, protect=()):
         """After a checkpoint is published (and pruned) in the staging folder, path its file or folder: upload it,
@@ -152,8 +348,8 @@ class Mirror:
 
     def metrics_changed(self):
         """After a line is added to metrics.jsonl: it goes up at most every METRICS_EVERY_S (and after checkpoints)."""
-        if time.monotonic() - self.metrics_at >= METRICS_EVERY_S:
-            self.metrics_at = time.monotonic()
+        if time.monotonic() - self.metrics_sent_at >= METRICS_EVERY_S:
+            self.metrics_sent_at = time.monotonic()  # now, not once it is up: one task queued, not one a step
             self.tasks.put((self.put_metrics,))
 
     def check(self):
@@ -175,7 +371,7 @@ class Mirror:
             wait = False
             raise
         finally:
-            self.store.stopping.set()
+            self.store.stopping.set()  # what still runs fails at its next transient error, without retrying
             self.lock.release(free=wait and self.failed is None and self.lock.lost is None)
 
     def __enter__(self):
@@ -185,16 +381,24 @@ class Mirror:
         self.close(wait=kind is not KeyboardInterrupt)
 
     def work(self):
+        """The mirror's thread: the tasks in order; once one has failed, the rest are skipped (uploaded out of order,
+        a step could count in the bucket with an older one missing)."""
         while (task := self.tasks.get()) is not None:
-            if self.failed is None:
-                try:
-                    with self.store.errors("cannot write to"):
-                        task[0](*task[1:])
-                except Exception as e:  # a bug too: the run stops, in one line, rather than training unmirrored
-                    problem = str(e) if isinstance(e, checkpoint.CheckpointError) else f"{type(e).__name__}: {e}"
-                    newest = max(self.remote, default=None)
-                    self.failed = objstore.scrub(f"{problem}; stopped: {f'step {newest}' if newest else 'no step'} "
-                                                 f"is the newest in the bucket, every checkpoint in {self.staging}")
+            if self.failed is not None:
+                continue
+            method, *arguments = task
+            try:
+                with self.store.errors("cannot write to"):
+                    method(*arguments)
+            except Exception as e:  # a bug too: the run stops, in one line, rather than training unmirrored
+                if isinstance(e, checkpoint.CheckpointError):
+                    problem = str(e)
+                else:
+                    problem = f"{type(e).__name__}: {e}"
+                newest = max(self.bucket_steps, default=None)
+                newest_line = f"step {newest}" if newest else "no step"
+                self.failed = objstore.scrub(f"{problem}; stopped: {newest_line} is the newest in the bucket, every "
+                                             f"checkpoint in {self.staging}")
 
     def put(self, name, path):
         self.lock.ensure()
@@ -205,7 +409,7 @@ class Mirror:
         name = under + os.path.basename(path)
         if not os.path.isdir(path):
             return self.put(name, path)
-        for file in sorted(os.listdir(path), key=lambda n: n == checkpoint.RUN_NAME):
+        for file in sorted(os.listdir(path), key=lambda n: n == checkpoint.RUN_NAME):  # False sorts first
             self.put(f"{name}/{file}", os.path.join(path, file))
 
     def put_metrics(self):
@@ -214,12 +418,15 @@ class Mirror:
                 data = f.read()
             self.lock.ensure()
             self.store.put_bytes("metrics.jsonl", data[:data.rfind(b"\n") + 1])  # whole lines: a write may be on
-        self.metrics_at = time.monotonic()
+        self.metrics_sent_at = time.monotonic()
 
     def delete(self, step):
         """Delete step from the bucket: its file, or its folder's run.pt first (then it no longer counts)."""
-        kind = self.remote.pop(step)
-        names = objstore.objects(self.store.listing(f"ckpt_{step:07d}/") if kind == "folder" else {}, step, kind)
+        kind = self.bucket_steps.pop(step)
+        folder_listing = {}
+        if kind == "folder":
+            folder_listing = self.store.listing(objstore.step_name(step, kind) + "/")
+        names = objstore.objects(folder_listing, step, kind)
         self.lock.ensure()
         self.store.delete(names[-1:])
         self.store.delete(names[:-1])
@@ -231,43 +438,54 @@ class Mirror:
             self.put_step(path)
         except FileNotFoundError:  # pruned here before it could go up: a newer step follows it
             if kind == "folder":  # what went up of it, without its run.pt
-                self.store.delete(objstore.objects(self.store.listing(f"ckpt_{step:07d}/"), step, kind))
+                folder_listing = self.store.listing(objstore.step_name(step, kind) + "/")
+                self.store.delete(objstore.objects(folder_listing, step, kind))
             return
-        self.remote[step] = kind
-        for s in doomed(sorted(self.remote), self.keep_last, self.keep_every, protect):
-            self.delete(s)
+        self.bucket_steps[step] = kind
+        for doomed in checkpoint.doomed(sorted(self.bucket_steps), self.keep_last, self.keep_every, protect):
+            self.delete(doomed)
         self.put_metrics()
 
-    def open(self, step, abandoned, protect):
+    def open_bucket(self, step, abandoned, protect):
+        """opened's work, on the mirror's thread: the bucket cleaned, rewound to `step`, given this run's steps."""
         listing = self.store.listing()
-        self.remote = objstore.steps_in(listing)
-        whole = {n for s, kind in self.remote.items() for n in objstore.objects(listing, s, kind)}
+        self.bucket_steps = objstore.steps_in(listing)
+        whole = {n for s, kind in self.bucket_steps.items() for n in objstore.objects(listing, s, kind)}
+        unfinished = [n for n in listing if re.match(r"ckpt_\d{7,}/", n) and n not in whole]  # folders sans run.pt
         self.lock.ensure()
-        self.store.delete([n for n in listing if re.match(r"ckpt_\d{7,}/", n) and n not in whole])
+        self.store.delete(unfinished)
         self.store.abort_uploads()
-        newer = sorted(s for s in self.remote if s > step)
+        newer = sorted(s for s in self.bucket_steps if s > step)
         if newer:
-            name = os.path.basename(abandoned) if abandoned else time.strftime("abandoned-%Y%m%d-%H%M%S")
-            n = 1
-            while any(key.startswith(name + (f"-{n}/" if n > 1 else "/")) for key in listing):
-                n += 1
-            name += f"-{n}" if n > 1 else ""
-            for s in newer:  # copied, every one of them, before the first is deleted
-                for key in objstore.objects(listing, s, self.remote[s]):
-                    self.lock.ensure()
-                    self.store.copy(key, f"{name}/{key}")
-            for s in checkpoint.list_steps(abandoned) if abandoned else []:  # the local rewind's, that never went up
-                if s not in self.remote:
-                    self.put_step(checkpoint.path_for(abandoned, s), name + "/")
-            if abandoned and os.path.exists(metrics_path(abandoned)):
-                self.put(f"{name}/metrics.jsonl", metrics_path(abandoned))
-            elif "metrics.jsonl" in listing:
-                self.store.copy("metrics.jsonl", f"{name}/metrics.jsonl")
-            for s in newer:
-                self.delete(s)
-            self.log(f"{self.url}: moved {'steps' if len(newer) > 1 else 'step'} {', '.join(map(str, newer))} into "
-                     f"{self.url}/{name}/ (rewound to step {step})")
-        for s in self.ours:
+            self.rewind_bucket(step, newer, listing, abandoned)
+        for s in self.unsent:
             if s <= step:
                 self.upload(checkpoint.path_for(self.staging, s), protect)
         self.put_metrics()
+
+    def rewind_bucket(self, step, newer, listing, abandoned):
+        """Move the steps `newer` (past `step`) and metrics.jsonl into abandoned-<time>/: every one copied before
+        the first is deleted, so that a failure midway loses nothing. With the local rewind's folder, `abandoned`:
+        named as it, and given its steps that never went up and its metrics.jsonl."""
+        if abandoned:
+            stamp = os.path.basename(abandoned)
+        else:
+            stamp = time.strftime("abandoned-%Y%m%d-%H%M%S")
+        name = unused_name(stamp, lambda candidate: any(key.startswith(candidate + "/") for key in listing))
+        for s in newer:
+            for key in objstore.objects(listing, s, self.bucket_steps[s]):
+                self.lock.ensure()
+                self.store.copy(key, f"{name}/{key}")
+        if abandoned:
+            for s in checkpoint.list_steps(abandoned):
+                if s not in self.bucket_steps:
+                    self.put_step(checkpoint.path_for(abandoned, s), name + "/")
+        if abandoned and os.path.exists(metrics_path(abandoned)):
+            self.put(f"{name}/metrics.jsonl", metrics_path(abandoned))
+        elif "metrics.jsonl" in listing:
+            self.store.copy("metrics.jsonl", f"{name}/metrics.jsonl")
+        for s in newer:
+            self.delete(s)
+        noun = "steps" if len(newer) > 1 else "step"
+        self.log(f"{self.url}: moved {noun} {', '.join(map(str, newer))} into {self.url}/{name}/ (rewound to step "
+                 f"{step})")

@@ -1,5 +1,5 @@
 """
-out_dir in object storage (objstore.py, objlock.py, remote.py), against a real S3 API server: moto_server (pip install
+out_dir in object storage (objstore.py, remote.py), against a real S3 API server: moto_server (pip install
 "moto[server]"), started here on 127.0.0.1 as a process of its own, with fake credentials whose secret key must
 never show. Every test has a bucket of its own. Between the store and the runs that must lose it, a TCP proxy (a
 process too, optionally slowed down) is killed and started again: the store stays, the connection goes.
@@ -30,9 +30,8 @@ import pytest
 import torch
 
 import checkpoint
-import objlock
+import housekeeping
 import objstore
-import outdir
 import remote
 import sharded
 from configurator import ConfigError
@@ -43,10 +42,12 @@ boto3 = pytest.importorskip("boto3")
 MOTO = shutil.which("moto_server")
 pytestmark = [pytest.mark.skipif(MOTO is None, reason='needs moto_server: pip install "moto[server]"'),
               pytest.mark.xdist_group("object_store")]  # one worker, one server
-SECRET, TOKEN = "SECRETSECRET123", "TOKENTOKEN456"  # fake, and recognisable wherever they would leak
+SECRET = "SECRETSECRET123"  # fake, and recognisable wherever it would leak
+TOKEN = "TOKENTOKEN456"
 PROXY = r"""
 import socket, sys, threading, time
-listen, target = int(sys.argv[1]), int(sys.argv[2])
+listen = int(sys.argv[1])
+target = int(sys.argv[2])
 rate = float(sys.argv[3])  # bytes/s each way, 0: no limit
 server = socket.create_server(("127.0.0.1", listen))
 def pipe(a, b):
@@ -101,8 +102,10 @@ class Proxy:
     """A TCP proxy to the server, a process of its own: stop() is the store going away, start() it coming back."""
 
     def __init__(self, target, rate=0):
-        self.port, self.target = free_port(), target
-        self.rate, self.proc = rate, None
+        self.port = free_port()
+        self.target = target
+        self.rate = rate
+        self.proc = None
 
     def start(self):
         self.proc = subprocess.Popen([sys.executable, "-c", PROXY, str(self.port), str(self.target), str(self.rate)],
@@ -130,7 +133,8 @@ def s3(moto, tmp_path, monkeypatch):
     client.create_bucket(Bucket=bucket)
 
     class S3:
-        url, port = f"s3://{bucket}/runs/a", moto
+        url = f"s3://{bucket}/runs/a"
+        port = moto
 
         def keys(self, under=""):
             pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="runs/a/" + under)
@@ -142,7 +146,8 @@ def s3(moto, tmp_path, monkeypatch):
         def write(self, name, data):
             client.put_object(Bucket=bucket, Key="runs/a/" + name, Body=data)
 
-    S3.client, S3.bucket = client, bucket
+    S3.client = client
+    S3.bucket = bucket
     return S3()
 
 
@@ -197,12 +202,12 @@ def start(url, keep_last=0, requested=-1, log=None, **kwargs):
     mirror = remote.Mirror(url, keep_last, 0, log=log if log is not None else print, **kwargs)
     staging, step = mirror.prepare(requested, warn=mirror.log)
     checkpoint.remove_temporaries(staging)
-    mirror.opened(step, outdir.rewind(staging, step), protect=[step])
+    mirror.opened(step, housekeeping.rewind(staging, step), protect=[step])
     return mirror, step
 
 
 def lock_record(s3):
-    return json.loads(s3.read(objlock.LOCK_NAME))
+    return json.loads(s3.read(remote.LOCK_NAME))
 
 
 def test_urls_are_parsed_or_refused_in_one_line(tmp_path, monkeypatch):
@@ -216,7 +221,8 @@ def test_urls_are_parsed_or_refused_in_one_line(tmp_path, monkeypatch):
         with pytest.raises(ConfigError) as e:
             objstore.parse(bad)
         assert "\n" not in str(e.value) and SECRET not in str(e.value) and "out_dir" in str(e.value), bad
-    staging, reads = objstore.staging_dir("s3://bkt/runs/a"), objstore.read_dir("s3://bkt/runs/a")
+    staging = objstore.staging_dir("s3://bkt/runs/a")
+    reads = objstore.read_dir("s3://bkt/runs/a")
     assert staging == str(tmp_path / "bkt" / "runs" / "a") and reads.startswith(str(tmp_path)) and reads != staging
 
 
@@ -227,18 +233,21 @@ def test_without_boto3_a_url_is_one_line_naming_the_package(monkeypatch):
 
 
 def test_the_bucket_keeps_what_retention_keeps_on_disk(tmp_path):
-    """remote.doomed, the bucket's retention, chooses as checkpoint.prune does on a folder of the same steps."""
+    """checkpoint.doomed, the rule the bucket's retention (remote.py) shares with checkpoint.prune, is what prune
+    deletes on a folder of the same steps."""
     rng = random.Random(0)
     for case in range(200):
         steps = sorted(rng.sample(range(1, 60), rng.randint(0, 8)))
-        keep_last, keep_every = rng.randint(0, 4), rng.choice([0, 5, 20])
+        keep_last = rng.randint(0, 4)
+        keep_every = rng.choice([0, 5, 20])
         protect = rng.sample(range(1, 60), 2)
         folder = tmp_path / str(case)
         folder.mkdir()
         for step in steps:
             open(checkpoint.path_for(str(folder), step, folder=False), "wb").close()
-        assert remote.doomed(steps, keep_last, keep_every, protect) == checkpoint.prune(str(folder), keep_last,
-                                                                                         keep_every, protect)
+        doomed = checkpoint.doomed(steps, keep_last, keep_every, protect)
+        assert checkpoint.prune(str(folder), keep_last, keep_every, protect) == doomed
+        assert checkpoint.list_steps(str(folder)) == [s for s in steps if s not in doomed]
 
 
 def test_a_run_goes_up_and_a_fresh_disk_resumes_its_newest_step_exactly(s3, tmp_path, monkeypatch):
@@ -268,7 +277,11 @@ def test_a_folder_goes_up_run_pt_last_and_a_half_uploaded_step_is_absent(s3, tmp
     mirror, _ = start(s3.url)
     order = []
     put_file = mirror.store.put_file
-    monkeypatch.setattr(mirror.store, "put_file", lambda name, path: order.append(name) or put_file(name, path))
+
+    def put_file_in_order(name, path):
+        order.append(name)
+        put_file(name, path)
+    monkeypatch.setattr(mirror.store, "put_file", put_file_in_order)
     mirror.published(save_folder(mirror.staging, 40), [0])
     mirror.close()
     assert order[-1] == "ckpt_0000040/run.pt" and len(order) == 3
@@ -326,12 +339,15 @@ def test_a_rewind_copies_the_newer_steps_aside_before_it_deletes_any(s3, tmp_pat
     mirror.close()
     failing = remote.Mirror(s3.url, 0, 0)
     staging, step = failing.prepare(10)
-    monkeypatch.setattr(failing.store, "copy", lambda source, target: (_ for _ in ()).throw(OSError(5, "EIO")))
-    failing.opened(10, outdir.rewind(staging, 10), [10])
+
+    def copy_fails(source, target):
+        raise OSError(5, "EIO")
+    monkeypatch.setattr(failing.store, "copy", copy_fails)
+    failing.opened(10, housekeeping.rewind(staging, 10), [10])
     failing.close()
     with pytest.raises(checkpoint.CheckpointError, match="EIO"):
         failing.check()
-    s3.write(objlock.LOCK_NAME, json.dumps(lock_record(s3) | {"state": "free"}).encode())  # as if it had ended
+    s3.write(remote.LOCK_NAME, json.dumps(lock_record(s3) | {"state": "free"}).encode())  # as if it had ended
     assert [k for k in s3.keys() if k.startswith("ckpt_")] == ["ckpt_0000010.pt", "ckpt_0000020.pt",
                                                                 "ckpt_0000030.pt"]
     monkeypatch.setenv("GPT_RESUME_CACHE", str(tmp_path / "other"))  # the rewind done again, from another machine
@@ -349,7 +365,7 @@ def test_a_rewind_copies_the_newer_steps_aside_before_it_deletes_any(s3, tmp_pat
 
 def holder(url, code="pass"):
     """A process that takes url's lock (lease 2 s), after running `code`, and holds it; it says 'held' first."""
-    script = (f"import objlock, objstore, time; {code}; lock = objlock.Lock(objstore.Store({url!r}), 2.0); "
+    script = (f"import objstore, remote, time; {code}; lock = remote.Lock(objstore.Store({url!r}), 2.0); "
               f"lock.acquire(); print('held', flush=True); time.sleep(60)")
     return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=HERE)
 
@@ -358,35 +374,38 @@ def as_if_ended(s3):
     """Make the lock this process left held name a process that is gone, as after the run's own process ended."""
     gone = subprocess.Popen(["true"])
     gone.wait()
-    s3.write(objlock.LOCK_NAME, json.dumps(lock_record(s3) | {"pid": gone.pid}).encode())
+    s3.write(remote.LOCK_NAME, json.dumps(lock_record(s3) | {"pid": gone.pid}).encode())
 
 
 def test_one_run_per_prefix_whoever_holds_it(s3):
     live = holder(s3.url)
-    elsewhere = holder(s3.url + "/b", "objlock.this_machine = lambda: 'another machine'")  # renewing, as a live run
+    elsewhere = holder(s3.url + "/b", "remote.this_machine = lambda: 'another machine'")  # renewing, as a live run
     assert live.stdout.readline() == elsewhere.stdout.readline() == b"held\n"
-    store, began = objstore.Store(s3.url), time.monotonic()
+    store = objstore.Store(s3.url)
+    began = time.monotonic()
     with pytest.raises(checkpoint.CheckpointError) as e:
-        objlock.Lock(store, 2.0).acquire()
+        remote.Lock(store, 2.0).acquire()
     assert socket.gethostname() in str(e.value) and f"pid {live.pid}" in str(e.value)
     assert time.monotonic() - began < 1.0  # a live process of this machine: refused at once
     live.kill()
     live.wait()
-    lines, lock = [], objlock.Lock(store, 2.0)
+    lines = []
+    lock = remote.Lock(store, 2.0)
     assert lock.acquire(lines.append)["pid"] == live.pid and time.monotonic() - began < 2.0  # dead: taken at once
     assert f"pid {live.pid}" in lines[0] and "gone" in lines[0]
     lock.release()
     assert lock_record(s3)["state"] == "free"
     other = objstore.Store(s3.url + "/b")
     with pytest.raises(checkpoint.CheckpointError, match=f"pid {elsewhere.pid}"):  # renewed while watched
-        objlock.Lock(other, 2.0).acquire(lines.append)
+        remote.Lock(other, 2.0).acquire(lines.append)
     elsewhere.kill()
     elsewhere.wait()
     began = time.monotonic()
-    lines, lock = [], objlock.Lock(other, 2.0)
+    lines = []
+    lock = remote.Lock(other, 2.0)
     lock.acquire(lines.append)  # its holder is dead, but on another machine: taken once 2 s pass unrenewed
     assert 1.0 < time.monotonic() - began < 6.0 and any(f"pid {elsewhere.pid}" in line for line in lines)
-    other.put_bytes(objlock.LOCK_NAME, json.dumps({"state": "held", "host": "node7", "pid": 4242}).encode())
+    other.put_bytes(remote.LOCK_NAME, json.dumps({"state": "held", "host": "node7", "pid": 4242}).encode())
     with pytest.raises(checkpoint.CheckpointError, match="taken over by another run.*node7"):
         lock.renew()
     with pytest.raises(checkpoint.CheckpointError, match="node7"):
