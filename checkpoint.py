@@ -325,12 +325,14 @@ def similar_run(out_dir):
 def prune(out_dir, keep_last, keep_every, protect=()):
     """After a publish: keep the newest keep_last checkpoints (0 keeps all), every step divisible by keep_every
     (milestones, kept for good), and the steps in protect; delete the rest. abandoned-* folders are not touched."""
+    if keep_last == 0:
+        return []
     try:
         steps = list_steps(out_dir)
     except CheckpointError as e:  # as a checkpoint we fail to delete: disk space, not correctness
         print(f"warning: {e}: retention deletes nothing this time")
         return []
-    if keep_last == 0 or not steps:
+    if not steps:
         return []
     keep = set(steps[-keep_last:]) | set(protect) | {steps[-1]}
     doomed = [s for s in steps if s not in keep and not (keep_every and s % keep_every == 0)]
