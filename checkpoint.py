@@ -363,6 +363,8 @@ def doomed(steps, keep_last, keep_every, protect):
 def prune(out_dir, keep_last, keep_every, protect=()):
     """After a publish: delete the checkpoints `doomed` chooses, and return their steps. abandoned-* folders are not
     touched."""
+    if keep_last == 0:  # keeps every checkpoint: nothing to list
+        return []
     try:
         steps = list_steps(out_dir)
     except CheckpointError as e:  # as a checkpoint we fail to delete: disk space, not correctness
