@@ -87,7 +87,10 @@ class _Output:
     writing each large piece to disk at once, so the final fsync waits for little."""
 
     def __init__(self, f, cancel):
-        self.f, self.cancel, self.written, self.error = f, cancel, 0, None
+        self.f = f
+        self.cancel = cancel  # a threading.Event: set, the next write raises SaveCancelled
+        self.written = 0  # bytes so far
+        self.error = None  # what a write raised, which torch's zip writer may report as another error
 
     def write(self, data):
         try:
@@ -115,7 +118,8 @@ def save(out_dir, step, state, cancel=None, written=None, path=None):
         raise CheckpointError("torch.utils.serialization.config.save.compute_crc32 is off: checkpoints need it")
     path = path or path_for(out_dir, step, folder=False)
     tmp = path + TMP_SUFFIX
-    out = ours = None
+    out = None
+    ours = None  # the temporary file's identity, once it is open
     try:
         with open(tmp, "wb") as f:
             ours = os.fstat(f.fileno())

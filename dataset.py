@@ -27,7 +27,10 @@ from configurator import ConfigError
 from stops import is_rank_0
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-TRAIN_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2  # keep the three uses of the seed independent
+# the three uses of the seed, kept independent of each other
+TRAIN_STREAM = 0
+EVAL_STREAM = 1
+DROPOUT_STREAM = 2
 TOKEN_DTYPES = ("uint16", "uint32")  # what meta.json's "dtype" may say; uint16 when it says nothing
 
 
@@ -256,7 +259,8 @@ def whole_file_hashes(folder, paths):
             with open(path, "rb", buffering=0) as f:
                 while n := f.readinto(buf):
                     digest.update(memoryview(buf)[:n])
-            entry = cache[name] = {"identity": identity, "sha256": digest.hexdigest()}
+            entry = {"identity": identity, "sha256": digest.hexdigest()}
+            cache[name] = entry
             changed = True
         hashes[f"{name} sha256"] = entry["sha256"]
     if changed:

@@ -21,7 +21,11 @@ def snapshot(state, buffers=None):
     """A host copy of state's tensors (in nested dicts and lists), for a save to write while training goes on
     changing its own. With a dict of `buffers`, the copies land in the buffers of the last call (pinned when the
     source is on a GPU, so they copy at full speed); None makes new, unpinned ones. Tied weights stay tied."""
-    pin, buffers, copies, devices = buffers is not None, {} if buffers is None else buffers, {}, set()
+    pin = buffers is not None  # buffers kept from one save to the next are pinned; new ones are not
+    if buffers is None:
+        buffers = {}
+    copies = {}  # a source tensor's copy, so that tied weights stay tied
+    devices = set()
 
     def copy(obj, key):
         if isinstance(obj, torch.Tensor):
@@ -29,7 +33,8 @@ def snapshot(state, buffers=None):
             if source not in copies:
                 buf = buffers.get(key)
                 if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                    buf = buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=pin and obj.is_cuda)
+                    buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=pin and obj.is_cuda)
+                    buffers[key] = buf
                 copies[source] = buf.copy_(obj, non_blocking=True)
                 devices.add(obj.device.type)
             return copies[source]

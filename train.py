@@ -100,14 +100,16 @@ def check_config(cfg, world_size, local_rank):
                  below_one=("dropout", "beta1", "beta2"))
     if cfg["n_embd"] % cfg["n_head"]:
         raise ConfigError(f"n_embd={cfg['n_embd']} must be divisible by n_head={cfg['n_head']}")
+    # get_lr's cosine runs from warmup_iters to lr_decay_iters: a negative stretch would divide by a negative
     if cfg["warmup_iters"] > cfg["lr_decay_iters"]:
         raise ConfigError(f"warmup_iters={cfg['warmup_iters']} must not exceed lr_decay_iters={cfg['lr_decay_iters']}")
     if not 0 <= cfg["seed"] < 2 ** 63:  # numpy's and torch's generators both take it
         raise ConfigError(f"seed must be in [0, 2**63), got {cfg['seed']}")
+    # the global batch is split into micro-batches over the ranks: each rank must get a whole number of them
     if cfg["gradient_accumulation_steps"] % world_size:
         raise ConfigError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be divisible by "
                           f"the number of ranks, {world_size}: pass a multiple")
-    vocab_size = cfg["vocab_size"]
+    vocab_size = cfg["vocab_size"]  # None: the dataset's; a default of None takes any literal, so check it here
     if not (vocab_size is None or type(vocab_size) is int and vocab_size > 0):
         raise ConfigError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
     if cfg["compile"] is not None and not isinstance(cfg["compile"], bool):  # 1 == True, yet no bool
@@ -116,7 +118,8 @@ def check_config(cfg, world_size, local_rank):
 
 
 def get_lr(step, cfg):
-    """The learning rate of the update from `step` to step+1: linear warmup, then cosine decay to min_lr."""
+    """The learning rate of the update from `step` to step+1: linear warmup, then cosine decay to min_lr.
+    A fork's own schedule goes here: a resume's "no effect" notes ask this function, whatever it computes."""
     if not cfg["decay_lr"]:
         return cfg["learning_rate"]
     # 1) linear warmup for warmup_iters steps
@@ -147,11 +150,12 @@ def set_hyperparameters(optimizer, cfg, lr):
 def build_model(cfg, model_args, device, dtype, weights, weights_from, shard_group):
     """The model and its optimizer, and float16's loss scaler: fresh from the seed, then given `weights` (a
     checkpoint's or init_from's, checked to fit) if any; sharded over shard_group's ranks if it is not None."""
+    # the initial weights come from the seed alone: every rank, and every fresh start, makes the same model
     torch.manual_seed(cfg["seed"])
     model = GPT(GPTConfig(**model_args))
     if weights:
         outdir.load_weights(model, weights, weights_from)
-    model.to(device)
+    model.to(device)  # loaded on the CPU first: a checkpoint's tensors are there, and a GPU holds one copy only
     if shard_group is not None:  # FSDP2: each rank keeps 1/N of the weights, of their gradients, of AdamW's state
         import sharded  # only a sharded run pays the seconds its modules take to import
         sharded.shard(model, shard_group, device.type, dtype)
@@ -165,19 +169,20 @@ def build_model(cfg, model_args, device, dtype, weights, weights_from, shard_gro
 @torch.no_grad()
 def estimate_loss(model, splits, cfg, device, autocast, sharded_ranks):
     """The mean loss of each split over the same eval_iters batches every time, in eval mode (no dropout)."""
-    model.eval()
+    model.eval()  # no dropout: the estimate depends on the weights alone
     out = {}
     for split, data in splits.items():
         losses = torch.zeros(cfg["eval_iters"])
         for k in range(cfg["eval_iters"]):
+            # EVAL_STREAM: the same batches at every evaluation, so that two estimates compare the weights alone
             starts = batch_starts(cfg["seed"], EVAL_STREAM, k, cfg["batch_size"], len(data), cfg["block_size"])
             with autocast:
                 _, loss = model(*get_batch(data, starts, cfg["block_size"], device))
-            losses[k] = loss.item()
+            losses[k] = loss.item()  # a host sync per batch: evaluation is rare, and this keeps it simple
         if sharded_ranks:  # every rank computed them; rank 0's decide for all, to the last bit
             dist.broadcast(losses, src=0)
         out[split] = losses.mean().item()
-    model.train()
+    model.train()  # back to training mode: dropout on again
     return out
 
 
@@ -207,9 +212,10 @@ def train(cfg, given, run):
     # 0 means one micro-batch a rank, fixed at the start: a resume on other ranks keeps the global batch
     if cfg["gradient_accumulation_steps"] == 0:
         cfg["gradient_accumulation_steps"] = world_size
+    # checked after the resume's merge: an inherited value is checked as a given one is
     check_config(cfg, world_size, local_rank)
     init = run.init_weights()  # a fresh start's weights, from init_from; None: from the seed
-    loop = {}
+    loop = {}  # the loop's own state: resumed from the checkpoint, or LOOP_STATE's defaults
     for key, default in LOOP_STATE.items():
         loop[key] = resumed.get(key, default) if resumed else default
 
@@ -220,6 +226,7 @@ def train(cfg, given, run):
     device, dtype, autocast = setup_runtime(cfg["device"], cfg["dtype"], cfg["deterministic"], local_rank)
 
     # ---- the model and the optimizer ----
+    # what shapes the weights, saved with them: a resume or init_from rebuilds the same model from it
     model_args = {key: cfg[key] for key in SHAPE_KEYS}
     model_args["vocab_size"] = vocab_size
     model_args["dropout"] = cfg["dropout"]
@@ -252,14 +259,14 @@ def train(cfg, given, run):
     if run.ddp and not run.sharded:
         device_ids = [device.index] if device.type == "cuda" else None
         train_model = DDP(model, device_ids=device_ids, process_group=grad_group)
-    splits = {"train": train_data, "val": val_data}
+    splits = {"train": train_data, "val": val_data}  # what estimate_loss measures
 
     if cfg["eval_only"]:
         losses = estimate_loss(model, splits, cfg, device, autocast, run.sharded)
         log(f"step {start_step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
             f"(eval_only: nothing written)")
         return
-    if start_step >= cfg["max_iters"]:
+    if start_step >= cfg["max_iters"]:  # a finished run resumed: say so rather than save the same step again
         log(f"nothing to train: step {start_step} has reached max_iters={cfg['max_iters']}; raise --max_iters to "
             f"train further")
         return
@@ -286,7 +293,7 @@ def train(cfg, given, run):
     compiling = "; compiling the model first (a minute for GPT-2 124M on a GPU)" if use_compile else ""
     log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters; {tokens_per_step:,} tokens per step ({accum} x {B} x "
         f"{T}, {world_size} rank{'s' if world_size > 1 else ''}); training to step {cfg['max_iters']}{compiling}")
-    step = start_step
+    step = start_step  # the number of optimizer steps taken: a checkpoint of step N holds the state after N of them
     x, y = batch(step, 0)  # the first micro-batch; each next one is fetched while the GPU computes this one
     t0 = time.perf_counter()
     steps_timed = 0  # steps since t0: ms/step measures training alone, never an evaluation or a save
@@ -326,7 +333,7 @@ def train(cfg, given, run):
 
         # ---- after the step: should we stop, then log, evaluate, save ----
         stop = run.should_stop(step)  # a signal on any rank: every rank stops after this same step
-        last = step == cfg["max_iters"]
+        last = step == cfg["max_iters"]  # the last step is always logged, evaluated and saved
         evaluates = (master or run.sharded) and (step % cfg["eval_interval"] == 0 or last)
         timed = step % cfg["log_interval"] == 0 or last  # a full interval of steps to measure
         if timed or stop:
@@ -342,12 +349,12 @@ def train(cfg, given, run):
             else:  # stopping part-way through an interval, whose pace would mislead
                 log(f"step {step}: loss {loss_now:.4f}, lr {lr:.2e}")
                 run.log(step, loss=loss_now, lr=lr, tokens=loop["tokens_seen"])
-        losses = {}
+        losses = {}  # this step's train and val loss, if it evaluates: saved in its checkpoint
         improved = False
         if evaluates:
             with run.timed("eval", step):  # said first when it will take long
                 losses = estimate_loss(model, splits, cfg, device, autocast, run.sharded)
-            improved = losses["val"] < loop["best_val_loss"]
+            improved = losses["val"] < loop["best_val_loss"]  # for always_save_checkpoint=False, below
             loop["best_val_loss"] = min(loop["best_val_loss"], losses["val"])
             log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             run.log(step, train_loss=losses["train"], val_loss=losses["val"])
@@ -370,12 +377,13 @@ def train(cfg, given, run):
                 "written_at": time.time(),
                 **loop,
             })
+        # the next interval's clock starts after this step's logging, evaluation and save
         if timed or evaluates or saves:
             t0 = time.perf_counter()
             steps_timed = 0
-        if stop:
+        if stop:  # saved above: the run ends, exit 0, and the same command resumes it
             break
-    run.finish(step)
+    run.finish(step)  # waits for the last checkpoint to be on disk
 
 
 def config_line(cfg, given, world_size, data_vocab_size, device, dtype):
